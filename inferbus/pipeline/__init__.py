@@ -1,0 +1,1 @@
+"""The NATS pipeline: the producer client, the worker, subjects and discovery."""

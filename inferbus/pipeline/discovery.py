@@ -1,0 +1,103 @@
+"""Who serves what: the workers' $SRV.INFO answers, gathered and read into typed records."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from inferbus.engines.signature import Signature
+from inferbus.pipeline.subjects import SERVICE_NAME
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """One model version as the cluster serves it, with the ids of the workers serving it."""
+
+    name: str
+    version: int
+    signature: Signature
+    engine: str
+    devices: tuple[str, ...]
+    max_batch_size: int
+    workers: tuple[str, ...]
+
+
+async def gather(
+    client: NATS,
+    subject: str,
+    *,
+    timeout: float = 0.5,
+    until: Callable[[dict[str, Any]], bool] | None = None,
+) -> list[dict[str, Any]]:
+    """Every JSON reply to ``subject`` within ``timeout`` (or up to the first that ``until``
+    accepts): one request, many responders."""
+    inbox = client.new_inbox()
+    replies: list[dict[str, Any]] = []
+    done = asyncio.Event()
+
+    async def collect(msg: Msg) -> None:
+        with contextlib.suppress(orjson.JSONDecodeError):
+            reply = orjson.loads(msg.data)
+            if isinstance(reply, dict):
+                replies.append(reply)
+                if until is not None and until(reply):
+                    done.set()
+
+    subscription = await client.subscribe(inbox, cb=collect)
+    try:
+        await client.publish(subject, b"", reply=inbox)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), timeout)
+    finally:
+        await subscription.unsubscribe()
+    return replies
+
+
+async def service_infos(client: NATS, **kwargs: Any) -> list[dict[str, Any]]:
+    return await gather(client, f"$SRV.INFO.{SERVICE_NAME}", **kwargs)
+
+
+def models_from_infos(infos: list[dict[str, Any]]) -> list[ModelInfo]:
+    """Merge the endpoints of every worker into one record per (model, version)."""
+    merged: dict[tuple[str, int], dict[str, Any]] = {}
+    for info in infos:
+        for endpoint in info.get("endpoints") or []:
+            meta = endpoint.get("metadata") or {}
+            if "model" not in meta or "signature" not in meta:
+                continue
+            key = (meta["model"], int(meta["version"]))
+            entry = merged.setdefault(key, {"meta": meta, "devices": set(), "workers": set()})
+            entry["devices"].add(meta.get("device", "?"))
+            entry["workers"].add(info.get("id", "?"))
+    return [
+        ModelInfo(
+            name=name,
+            version=version,
+            signature=Signature.from_dict(orjson.loads(entry["meta"]["signature"])),
+            engine=entry["meta"].get("engine", "?"),
+            devices=tuple(sorted(entry["devices"])),
+            max_batch_size=int(entry["meta"].get("max_batch_size", 1)),
+            workers=tuple(sorted(entry["workers"])),
+        )
+        for (name, version), entry in sorted(merged.items())
+    ]
+
+
+def serves(name: str, version: int | None) -> Callable[[dict[str, Any]], bool]:
+    """A predicate for ``gather(until=...)``: this worker serves ``name`` (at ``version``)."""
+
+    def check(info: dict[str, Any]) -> bool:
+        for endpoint in info.get("endpoints") or []:
+            meta = endpoint.get("metadata") or {}
+            if meta.get("model") == name and version in (None, int(meta.get("version", 0))):
+                return True
+        return False
+
+    return check

@@ -1,0 +1,40 @@
+"""``Model``: the application end's "inference model", called like a function."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Generic, TypeVar
+
+from inferbus.pipeline.client import DEFAULT_TIMEOUT, Client, InferResult, Inputs
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+class Model(Generic[In, Out]):
+    """Client-side pre- and post-processing around a remote model.
+
+    Subclasses set ``name`` (and ``version`` to pin one) and override ``preprocess`` (raw input
+    to tensors) and ``postprocess`` (outputs to an answer); then ``await model(x)``.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[int | None] = None
+
+    def __init__(self, client: Client, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.client = client
+        self.timeout = timeout
+
+    def preprocess(self, item: In) -> Inputs:
+        """Raw input to the tensors the model takes. The default passes arrays through."""
+        return item  # type: ignore[return-value]
+
+    def postprocess(self, outputs: InferResult) -> Out:
+        """The model's outputs to the answer the application wants. The default returns them."""
+        return outputs  # type: ignore[return-value]
+
+    async def __call__(self, item: In) -> Out:
+        inputs = self.preprocess(item)
+        outputs = await self.client.infer(
+            self.name, inputs, version=self.version, timeout=self.timeout
+        )
+        return self.postprocess(outputs)

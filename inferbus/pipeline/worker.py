@@ -1,0 +1,164 @@
+"""The model end: serves a model repository as a NATS micro service.
+
+Start-up order matters: engines load and warm up, then the worker subscribes and flushes, so
+it is never routed a request it cannot serve. Stopping drains: subscriptions stop taking new
+requests, the ones already delivered are answered, then the connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Sequence
+from types import TracebackType
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from inferbus import __version__
+from inferbus.engines import create_engine
+from inferbus.pipeline._connection import ConnectOptions, connect_nats
+from inferbus.pipeline._service import EndpointRecord, MicroService
+from inferbus.pipeline._serving import ServedModel
+from inferbus.pipeline._threads import run_in_thread
+from inferbus.pipeline.subjects import SERVICE_NAME, infer_subject, queue_group
+from inferbus.repository import ModelConfig
+
+log = logging.getLogger("inferbus.worker")
+
+
+async def load_model(config: ModelConfig) -> ServedModel:
+    """Create, load and warm up one model's engine, off the event loop."""
+    engine = create_engine(config)
+    await run_in_thread(None, engine.load)
+    await run_in_thread(None, engine.warm_up)
+    log.info("%s v%d loaded (%s on %s)", config.name, config.version, engine.backend, engine.device)
+    return ServedModel(engine)
+
+
+class Worker:
+    """Serves models over NATS: ``async with Worker(configs) as worker: await worker.wait()``."""
+
+    def __init__(
+        self, configs: Sequence[ModelConfig], options: ConnectOptions | None = None
+    ) -> None:
+        self.configs = list(configs)
+        self.options = options or ConnectOptions(name="inferbus-worker")
+        self.models: list[ServedModel] = []
+        self._client: NATS | None = None
+        self._service: MicroService | None = None
+        self._subscriptions: list[Subscription] = []
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._stop_requested = asyncio.Event()
+
+    @property
+    def service(self) -> MicroService:
+        if self._service is None:
+            raise RuntimeError("worker not started")
+        return self._service
+
+    async def start(self) -> None:
+        for config in self.configs:
+            self.models.append(await load_model(config))
+        client = self._client = await connect_nats(self.options)
+        self._service = MicroService(
+            client,
+            name=SERVICE_NAME,
+            version=__version__,
+            description="inferbus model end",
+            metadata={"host": socket.gethostname(), "pid": str(os.getpid())},
+        )
+        await self._service.start()
+        for model in self.models:
+            await self._subscribe(model, model.config.version)
+            if self._is_latest(model.config):
+                await self._subscribe(model, None)
+        # Subscriptions are only in force once the server has seen them.
+        await client.flush()
+        names = ", ".join(f"{c.name} v{c.version}" for c in self.configs)
+        log.info("worker %s serving %s on %s", self._service.id, names, client.connected_url)
+
+    def _is_latest(self, config: ModelConfig) -> bool:
+        return config.version == max(c.version for c in self.configs if c.name == config.name)
+
+    async def _subscribe(self, model: ServedModel, version: int | None) -> None:
+        assert self._client is not None and self._service is not None
+        name = model.config.name
+        record = EndpointRecord(
+            name=name if version is None else f"{name}_v{version}",
+            subject=infer_subject(name, version),
+            queue_group=queue_group(name, version),
+            metadata=model.metadata(),
+            data=model.stats_data,
+        )
+        client = self._client
+
+        async def enqueue(msg: Msg) -> None:
+            # nats-py runs one subscription's callbacks in turn: hand off at once.
+            task = asyncio.create_task(model.handle(client, msg, record))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+        subscription = await client.subscribe(record.subject, queue=record.queue_group, cb=enqueue)
+        self._subscriptions.append(subscription)
+        self._service.endpoints.append(record)
+
+    def request_stop(self) -> None:
+        """Ask ``wait()`` to return; safe from a signal handler."""
+        self._stop_requested.set()
+
+    async def wait(self, *, handle_signals: bool = True) -> None:
+        """Serve until SIGTERM/SIGINT (or ``request_stop``), then drain and stop."""
+        loop = asyncio.get_running_loop()
+        signals = (signal.SIGTERM, signal.SIGINT) if handle_signals else ()
+        for sig in signals:
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self._stop_requested.wait()
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+        log.info("stop requested: draining")
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Stop taking requests, answer those already received, close."""
+        client, self._client = self._client, None
+        if client is not None:
+            await self._drain(client)
+        models, self.models = self.models, []
+        for model in models:
+            await run_in_thread(None, model.close)
+        if client is not None:
+            log.info("worker stopped")
+
+    async def _drain(self, client: NATS) -> None:
+        for subscription in self._subscriptions:
+            await subscription.drain()  # delivered messages are still handed to enqueue
+        self._subscriptions.clear()
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+        if self._service is not None:
+            await self._service.stop()
+        await client.flush()
+        await client.close()
+
+    async def __aenter__(self) -> Worker:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
