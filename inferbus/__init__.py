@@ -5,8 +5,8 @@ Application ends ``connect`` and ``infer``; model ends run a ``Worker`` over a m
 
 __version__ = "0.1.0"
 
-from inferbus.engines import Engine, OnnxRuntimeEngine, Signature, TensorSpec  # noqa: E402
-from inferbus.errors import (  # noqa: E402
+from inferbus.engines import Engine, OnnxRuntimeEngine, Signature, TensorSpec
+from inferbus.errors import (
     BadInput,
     ConfigError,
     ConnectionFailed,
@@ -20,12 +20,12 @@ from inferbus.errors import (  # noqa: E402
     ServerError,
     Unavailable,
 )
-from inferbus.natsserver import EmbeddedServer  # noqa: E402
-from inferbus.pipeline.client import Client, InferResult, connect  # noqa: E402
-from inferbus.pipeline.discovery import ModelInfo  # noqa: E402
-from inferbus.pipeline.model import Model  # noqa: E402
-from inferbus.pipeline.worker import Worker  # noqa: E402
-from inferbus.repository import ModelConfig, load_model_config, load_repository  # noqa: E402
+from inferbus.natsserver import EmbeddedServer
+from inferbus.pipeline.client import Client, InferResult, connect
+from inferbus.pipeline.discovery import ModelInfo
+from inferbus.pipeline.model import Model
+from inferbus.pipeline.worker import Worker
+from inferbus.repository import ModelConfig, load_model_config, load_repository
 
 __all__ = [
     "BadInput",

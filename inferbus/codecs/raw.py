@@ -24,7 +24,7 @@ def encode(array: np.ndarray, datatype: str) -> bytes | memoryview:
         return _encode_bytes(array)
     dtype = numpy_dtype(datatype)
     contiguous = np.ascontiguousarray(array, dtype=dtype)
-    return memoryview(contiguous).cast("B")
+    return contiguous.reshape(-1).view(np.uint8).data
 
 
 def decode(data: memoryview, datatype: str, shape: tuple[int, ...]) -> np.ndarray:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 import nats
-from nats.aio.client import Client as NATS
+from nats.aio.client import Client as NatsClient
 
 from inferbus.errors import ConnectionFailed
 
@@ -63,14 +63,14 @@ async def _log_error(exc: Exception) -> None:
 
 
 async def _log_disconnect() -> None:
-    log.info("NATS: disconnected")
+    log.debug("NATS: disconnected")
 
 
 async def _log_reconnect() -> None:
     log.info("NATS: reconnected")
 
 
-async def connect_nats(options: ConnectOptions) -> NATS:
+async def connect_nats(options: ConnectOptions) -> NatsClient:
     """A connected client; ``ConnectionFailed`` when no server answers."""
     try:
         client = await nats.connect(

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from nats.aio.client import Client as NATS
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.micro.service import (
@@ -67,7 +67,13 @@ class MicroService:
     """Identity and discovery for one worker process."""
 
     def __init__(
-        self, client: NATS, *, name: str, version: str, description: str, metadata: dict[str, str]
+        self,
+        client: NatsClient,
+        *,
+        name: str,
+        version: str,
+        description: str,
+        metadata: dict[str, str],
     ) -> None:
         self.client = client
         self.name = name

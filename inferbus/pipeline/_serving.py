@@ -8,7 +8,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
-from nats.aio.client import Client as NATS
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from inferbus.codecs import (
@@ -78,7 +78,7 @@ class ServedModel:
             "errors_by_code": {str(code): n for code, n in sorted(self.errors_by_code.items())},
         }
 
-    async def handle(self, client: NATS, msg: Msg, record: EndpointRecord) -> None:
+    async def handle(self, client: NatsClient, msg: Msg, record: EndpointRecord) -> None:
         """Answer one request; every failure becomes a coded error reply."""
         started = time.perf_counter_ns()
         headers: dict[str, str] | None = None

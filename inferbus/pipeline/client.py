@@ -6,11 +6,11 @@ import itertools
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 from types import TracebackType
+from typing import Any
 
 import numpy as np
-from nats.aio.client import Client as NATS
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -63,13 +63,13 @@ class Client:
 
     def __init__(self, options: ConnectOptions) -> None:
         self.options = options
-        self._nats: NATS | None = None
+        self._nats: NatsClient | None = None
         self._input_names: dict[tuple[str, int | None], str] = {}
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid()}-{id(self):x}-"
 
     @property
-    def nats(self) -> NATS:
+    def nats(self) -> NatsClient:
         """The underlying nats-py connection."""
         if self._nats is None:
             raise Unavailable("client is not connected; use `async with inferbus.connect()`")

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from nats.aio.client import Client as NATS
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from inferbus.engines.signature import Signature
@@ -30,7 +30,7 @@ class ModelInfo:
 
 
 async def gather(
-    client: NATS,
+    client: NatsClient,
     subject: str,
     *,
     timeout: float = 0.5,
@@ -60,7 +60,7 @@ async def gather(
     return replies
 
 
-async def service_infos(client: NATS, **kwargs: Any) -> list[dict[str, Any]]:
+async def service_infos(client: NatsClient, **kwargs: Any) -> list[dict[str, Any]]:
     return await gather(client, f"$SRV.INFO.{SERVICE_NAME}", **kwargs)
 
 

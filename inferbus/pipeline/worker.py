@@ -15,7 +15,7 @@ import socket
 from collections.abc import Sequence
 from types import TracebackType
 
-from nats.aio.client import Client as NATS
+from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
@@ -49,7 +49,7 @@ class Worker:
         self.configs = list(configs)
         self.options = options or ConnectOptions(name="inferbus-worker")
         self.models: list[ServedModel] = []
-        self._client: NATS | None = None
+        self._client: NatsClient | None = None
         self._service: MicroService | None = None
         self._subscriptions: list[Subscription] = []
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -86,7 +86,8 @@ class Worker:
         return config.version == max(c.version for c in self.configs if c.name == config.name)
 
     async def _subscribe(self, model: ServedModel, version: int | None) -> None:
-        assert self._client is not None and self._service is not None
+        assert self._client is not None
+        assert self._service is not None
         name = model.config.name
         record = EndpointRecord(
             name=name if version is None else f"{name}_v{version}",
@@ -136,9 +137,10 @@ class Worker:
         if client is not None:
             log.info("worker stopped")
 
-    async def _drain(self, client: NATS) -> None:
+    async def _drain(self, client: NatsClient) -> None:
         for subscription in self._subscriptions:
-            await subscription.drain()  # delivered messages are still handed to enqueue
+            # Delivered messages are still handed to enqueue; nats-py leaves drain() untyped.
+            await subscription.drain()  # type: ignore[no-untyped-call]
         self._subscriptions.clear()
         if self._in_flight:
             await asyncio.gather(*self._in_flight, return_exceptions=True)

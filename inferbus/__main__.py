@@ -1,0 +1,7 @@
+"""``python -m inferbus`` is the ``inferbus`` command."""
+
+import sys
+
+from inferbus.cli import main
+
+sys.exit(main())

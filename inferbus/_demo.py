@@ -1,0 +1,76 @@
+"""``inferbus demo``: a whole deployment on one machine, started and stopped in order.
+
+An embedded nats-server, a worker process serving the repository, then the example
+application as its own process — three processes, as in production, talking over NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from inferbus.errors import InferbusError
+from inferbus.natsserver import EmbeddedServer
+from inferbus.pipeline._connection import ConnectOptions
+from inferbus.pipeline.client import Client
+from inferbus.repository import load_repository
+
+READY_TIMEOUT_S = 60.0
+
+
+@contextlib.contextmanager
+def _nats(servers: str | None) -> Iterator[str]:
+    if servers:
+        yield servers
+        return
+    with EmbeddedServer() as server:
+        print(f"[demo] started nats-server at {server.url}", flush=True)
+        yield server.url
+
+
+@contextlib.contextmanager
+def _worker(repo: Path, url: str) -> Iterator[subprocess.Popen[bytes]]:
+    command = [sys.executable, "-m", "inferbus", "--log-level", "WARNING", "worker", str(repo)]
+    process = subprocess.Popen([*command, "--servers", url])
+    print(f"[demo] started worker (pid {process.pid}) for {repo}", flush=True)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)  # drains: in-flight requests are answered
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        print(f"[demo] worker stopped (exit {process.returncode})", flush=True)
+
+
+async def _wait_until_served(url: str, names: set[str], worker: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    async with Client(ConnectOptions(servers=[url], name="inferbus-demo")) as client:
+        while time.monotonic() < deadline:
+            if worker.poll() is not None:
+                raise InferbusError(f"worker exited with {worker.returncode} before it was ready")
+            if names <= {m.name for m in await client.models(timeout=0.2)}:
+                return
+    raise InferbusError(f"worker did not serve {sorted(names)} within {READY_TIMEOUT_S:g}s")
+
+
+def run_demo(*, repo: Path, app: Path, servers: str | None) -> int:
+    """Run the deployment; the app's exit status (non-zero when its checks fail)."""
+    if not app.is_file():
+        raise InferbusError(f"example application {app} not found (run from the project root)")
+    names = {config.name for config in load_repository(repo)}
+    with _nats(servers) as url, _worker(repo, url) as worker:
+        asyncio.run(_wait_until_served(url, names, worker))
+        print(f"[demo] worker ready; running {app}", flush=True)
+        return subprocess.run(
+            [sys.executable, str(app), "--servers", url, "--repo", str(repo)], check=False
+        ).returncode
