@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from inferbus.errors import ConfigError
 
-NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9_-]+$")
+NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]+")  # use with fullmatch
 CONFIG_FILE: Final = "config.toml"
 DEFAULT_MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
 
@@ -38,7 +38,7 @@ class ModelConfig:
     description: str = ""
 
     def __post_init__(self) -> None:
-        if not NAME_PATTERN.match(self.name):
+        if not NAME_PATTERN.fullmatch(self.name):
             raise ConfigError(f"model name {self.name!r} must match [A-Za-z0-9_-]+ (a NATS token)")
         _require(type(self.version) is int and self.version >= 1, self, "version must be >= 1")
         _require(self.max_batch_size >= 1, self, "max_batch_size must be >= 1")
@@ -76,9 +76,11 @@ def load_model_config(directory: Path) -> ModelConfig:
     """Read and check ``directory/config.toml``; the folder name is the default model name."""
     path = directory / CONFIG_FILE
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (TOML must be UTF-8): {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     _check_keys(path, raw)

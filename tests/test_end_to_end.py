@@ -18,7 +18,7 @@ def in_process(folder: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarr
     return dict(engine(inputs))
 
 
-ECHO_INPUTS = {
+ECHO_INPUTS: dict[str, np.ndarray] = {
     "f32": np.array([[1.5, -2.25, 3e30], [0.0, np.inf, -0.0]], dtype=np.float32),
     "i64": np.array([[2**62, -(2**62)], [0, -1]], dtype=np.int64),
     "flag": np.array([True, False]),
@@ -62,7 +62,7 @@ async def test_versions_route_by_subject(client: inferbus.Client) -> None:
 @pytest.mark.usefixtures("worker")
 async def test_unknown_model_fails_fast(client: inferbus.Client) -> None:
     started = time.monotonic()
-    with pytest.raises(inferbus.ModelNotFound, match="no worker serves inferbus.infer.nope"):
+    with pytest.raises(inferbus.ModelNotFound, match=r"no worker serves inferbus\.infer\.nope"):
         await client.infer("nope", {"x": np.zeros(1)}, timeout=5)
     assert time.monotonic() - started < 0.5
 

@@ -39,7 +39,10 @@ def decode(data: memoryview, datatype: str, shape: tuple[int, ...]) -> np.ndarra
             f"{datatype} tensor of shape {list(shape)} needs {count * dtype.itemsize} bytes, "
             f"got {len(data)}"
         )
-    return np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+    array = np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+    if datatype == "BOOL" and count and array.view(np.uint8).max() > 1:
+        raise BadInput("BOOL tensor holds a byte other than 0 or 1")
+    return array
 
 
 def _as_bytes(element: object) -> bytes:

@@ -25,6 +25,7 @@ from inferbus.errors import BadInput
 
 _PREFIX: Final = struct.Struct("<I")
 MAX_RANK: Final = 32
+MAX_ELEMENTS: Final = 2**48  # far past any body NATS can carry
 
 Tensors = Mapping[str, np.ndarray]
 
@@ -130,9 +131,7 @@ def _frame(header: dict[str, Any], key: str, tensors: Tensors) -> bytes:
                 "name": name,
                 "datatype": datatype,
                 "shape": list(array.shape),
-                "parameters": {
-                    "binary_data_size": len(data) if isinstance(data, bytes) else data.nbytes
-                },
+                "parameters": {"binary_data_size": len(data)},
             }
         )
         buffers.append(data)
@@ -184,7 +183,7 @@ def _tensor_entry(entry: object, key: str, index: int) -> _TensorEntry:
     name, datatype, shape = entry.get("name"), entry.get("datatype"), entry.get("shape")
     if not isinstance(name, str) or not name:
         raise BadInput(f"{where}.name must be a non-empty string")
-    if datatype not in DATATYPES:
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
         raise BadInput(f"{where} ({name}): unknown datatype {datatype!r}")
     parameters = _optional_dict(entry, "parameters", where)
     if "data" in entry:
@@ -203,7 +202,8 @@ def _shape(shape: object, where: str, name: str) -> tuple[int, ...]:
         raise BadInput(f"{where} ({name}): shape must be a list of at most {MAX_RANK} dimensions")
     if not all(type(dim) is int and dim >= 0 for dim in shape):
         raise BadInput(f"{where} ({name}): shape {shape} must hold non-negative integers")
-    if math.prod(shape) > 2**62:
+    # Zeros count as ones here: numpy refuses [0, 2**62] although it holds no element.
+    if math.prod(max(dim, 1) for dim in shape) > MAX_ELEMENTS:
         raise BadInput(f"{where} ({name}): shape {shape} is absurdly large")
     return tuple(shape)
 

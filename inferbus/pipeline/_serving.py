@@ -8,6 +8,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
+import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
@@ -60,8 +61,6 @@ class ServedModel:
 
     def metadata(self) -> dict[str, str]:
         """Endpoint metadata: ADR-32 allows only strings, so the signature is JSON text."""
-        import orjson
-
         return {
             "model": self.config.name,
             "version": str(self.config.version),
@@ -85,12 +84,16 @@ class ServedModel:
         error: str | None = None
         try:
             body = await self._answer(msg, client.max_payload)
-        except RequestError as exc:
-            exc.model = self.config.name
-            body, headers, error = encode_error(exc.message), error_headers(exc), str(exc)
-            self.errors_by_code[exc.code] += 1
-        if msg.reply:
-            await client.publish(msg.reply, body, headers=headers)
+        except Exception as exc:  # every request gets an answer, whatever went wrong
+            failure = exc if isinstance(exc, RequestError) else _internal(exc, self.config.name)
+            failure.model = self.config.name
+            body, headers, error = (
+                encode_error(failure.message),
+                error_headers(failure),
+                str(failure),
+            )
+            self.errors_by_code[failure.code] += 1
+        await client.publish(msg.reply, body, headers=headers)
         record.observe(time.perf_counter_ns() - started, error)
 
     async def _answer(self, msg: Msg, max_payload: int) -> bytes:
@@ -115,7 +118,7 @@ class ServedModel:
         unknown = set(request.outputs) - self._output_names
         if unknown:
             raise BadInput(f"unknown outputs {sorted(unknown)}; has {sorted(self._output_names)}")
-        if self._batched:
+        if self._batched and request.inputs:
             batch = max(array.shape[0] for array in request.inputs.values())
             if batch > self.config.max_batch_size:
                 raise PayloadTooLarge(
@@ -130,12 +133,18 @@ class ServedModel:
         outputs = self._run_engine(request.inputs)
         self.compute_ns += time.perf_counter_ns() - started
         self.inference_count += 1
+        missing = (set(request.outputs) or self._output_names) - outputs.keys()
+        if missing:
+            raise EngineFailure(f"the engine did not return outputs {sorted(missing)}")
         if request.outputs:
             outputs = {name: outputs[name] for name in request.outputs}
         response = InferResponse(
             request.id, self.config.name, str(self.config.version), dict(outputs)
         )
-        return encode_response(response)
+        try:
+            return encode_response(response)
+        except BadInput as exc:  # the engine's output, not the caller's input, is at fault
+            raise EngineFailure(f"cannot encode the engine's outputs: {exc.message}") from exc
 
     def _run_engine(self, inputs: Tensors) -> Tensors:
         try:
@@ -149,3 +158,8 @@ class ServedModel:
     def close(self) -> None:
         self.executor.shutdown(wait=True)
         self.engine.close()
+
+
+def _internal(exc: Exception, model: str) -> EngineFailure:
+    log.exception("%s: unexpected error while serving a request", model)
+    return EngineFailure(f"internal error: {type(exc).__name__}: {exc}")

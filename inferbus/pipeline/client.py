@@ -19,6 +19,7 @@ from inferbus.codecs import InferRequest, decode_error, decode_response, encode_
 from inferbus.errors import (
     BadInput,
     DeadlineExceeded,
+    EngineFailure,
     ModelNotFound,
     PayloadTooLarge,
     Unavailable,
@@ -176,10 +177,12 @@ class Client:
 def _result(reply: Msg, model: str) -> InferResult:
     code = (reply.headers or {}).get(ERROR_CODE_HEADER)
     if code is not None:
-        raise error_for_code(
-            int(code) if code.isdigit() else 500, decode_error(reply.data), model=model
-        )
-    response = decode_response(reply.data)
+        number = int(code) if code.isascii() and code.isdigit() else 500
+        raise error_for_code(number, decode_error(reply.data), model=model)
+    try:
+        response = decode_response(reply.data)
+    except BadInput as exc:  # the worker broke the protocol; the caller's input was fine
+        raise EngineFailure(f"malformed reply: {exc.message}", model=model) from exc
     return InferResult(response.outputs, response.model_name, response.model_version, response.id)
 
 

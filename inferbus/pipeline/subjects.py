@@ -15,7 +15,7 @@ ERROR_CODE_HEADER: Final = "Nats-Service-Error-Code"
 
 
 def check_model_name(model: str) -> str:
-    if not NAME_PATTERN.match(model):
+    if not NAME_PATTERN.fullmatch(model):
         raise BadInput(f"model name {model!r} must match [A-Za-z0-9_-]+")
     return model
 

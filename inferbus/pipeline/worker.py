@@ -21,6 +21,7 @@ from nats.aio.subscription import Subscription
 
 from inferbus import __version__
 from inferbus.engines import create_engine
+from inferbus.errors import ConfigError
 from inferbus.pipeline._connection import ConnectOptions, connect_nats
 from inferbus.pipeline._service import EndpointRecord, MicroService
 from inferbus.pipeline._serving import ServedModel
@@ -62,6 +63,7 @@ class Worker:
         return self._service
 
     async def start(self) -> None:
+        self._check_endpoint_names()
         for config in self.configs:
             self.models.append(await load_model(config))
         client = self._client = await connect_nats(self.options)
@@ -80,7 +82,16 @@ class Worker:
         # Subscriptions are only in force once the server has seen them.
         await client.flush()
         names = ", ".join(f"{c.name} v{c.version}" for c in self.configs)
-        log.info("worker %s serving %s on %s", self._service.id, names, client.connected_url)
+        url = client.connected_url.geturl() if client.connected_url else "?"
+        log.info("worker %s serving %s on %s", self._service.id, names, url)
+
+    def _check_endpoint_names(self) -> None:
+        # Model "add_v2" and version 2 of "add" would both be an endpoint named "add_v2".
+        names = {c.name for c in self.configs}
+        clashes = sorted(f"{c.name}_v{c.version}" for c in self.configs)
+        clashing = [name for name in clashes if name in names]
+        if clashing:
+            raise ConfigError(f"model names {clashing} clash with versioned endpoint names")
 
     def _is_latest(self, config: ModelConfig) -> bool:
         return config.version == max(c.version for c in self.configs if c.name == config.name)
@@ -99,6 +110,8 @@ class Worker:
         client = self._client
 
         async def enqueue(msg: Msg) -> None:
+            if not msg.reply:
+                return  # a publish, not a request: nobody would read the answer
             # nats-py runs one subscription's callbacks in turn: hand off at once.
             task = asyncio.create_task(model.handle(client, msg, record))
             self._in_flight.add(task)
