@@ -6,7 +6,6 @@ import itertools
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from inferbus.errors import (
     error_for_code,
 )
 from inferbus.pipeline._connection import ConnectOptions, connect_nats, split_servers
+from inferbus.pipeline._lifecycle import AsyncResource
 from inferbus.pipeline.discovery import ModelInfo, models_from_infos, serves, service_infos
 from inferbus.pipeline.subjects import ERROR_CODE_HEADER, infer_subject
 
@@ -59,7 +59,7 @@ class InferResult(Mapping[str, np.ndarray]):
         return next(iter(self.outputs.values()))
 
 
-class Client:
+class Client(AsyncResource):
     """A connection to an inferbus cluster. Create it with ``inferbus.connect``."""
 
     def __init__(self, options: ConnectOptions) -> None:
@@ -76,26 +76,16 @@ class Client:
             raise Unavailable("client is not connected; use `async with inferbus.connect()`")
         return self._nats
 
-    async def connect(self) -> Client:
+    async def start(self) -> None:
+        """Connect to NATS (``async with`` does this)."""
         if self._nats is None:
             self._nats = await connect_nats(self.options)
-        return self
 
-    async def close(self) -> None:
+    async def stop(self) -> None:
+        """Finish what is in flight and disconnect (``async with`` does this)."""
         client, self._nats = self._nats, None
         if client is not None:
             await client.drain()
-
-    async def __aenter__(self) -> Client:
-        return await self.connect()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     async def infer(
         self,

@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 from collections.abc import Sequence
-from types import TracebackType
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -23,6 +22,7 @@ from inferbus import __version__
 from inferbus.engines import create_engine
 from inferbus.errors import ConfigError
 from inferbus.pipeline._connection import ConnectOptions, connect_nats
+from inferbus.pipeline._lifecycle import AsyncResource
 from inferbus.pipeline._service import EndpointRecord, MicroService
 from inferbus.pipeline._serving import ServedModel
 from inferbus.pipeline._threads import run_in_thread
@@ -41,7 +41,7 @@ async def load_model(config: ModelConfig) -> ServedModel:
     return ServedModel(engine)
 
 
-class Worker:
+class Worker(AsyncResource):
     """Serves models over NATS: ``async with Worker(configs) as worker: await worker.wait()``."""
 
     def __init__(
@@ -161,19 +161,3 @@ class Worker:
             await self._service.stop()
         await client.flush()
         await client.close()
-
-    async def __aenter__(self) -> Worker:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
