@@ -19,6 +19,8 @@ from inferbus.errors import ConfigError
 NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]+")  # use with fullmatch
 CONFIG_FILE: Final = "config.toml"
 DEFAULT_MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
+# auto: on the event loop when the engine is faster than a hop to a thread, else on a thread.
+EXECUTION_MODES: Final = ("auto", "thread", "inline")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +37,9 @@ class ModelConfig:
     instances: int = 1
     engine_class: str | None = None
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_queue_size: int = 1024
+    preferred_batch_sizes: tuple[int, ...] = ()
+    execution: str = "auto"
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -45,6 +50,17 @@ class ModelConfig:
         _require(self.max_queue_delay_ms >= 0, self, "max_queue_delay_ms must be >= 0")
         _require(1 <= self.instances <= 64, self, "instances must be between 1 and 64")
         _require(self.max_request_bytes >= 1, self, "max_request_bytes must be >= 1")
+        _require(self.max_queue_size >= 1, self, "max_queue_size must be >= 1")
+        _require(
+            all(
+                type(n) is int and 1 <= n <= self.max_batch_size for n in self.preferred_batch_sizes
+            ),
+            self,
+            "preferred_batch_sizes must be integers between 1 and max_batch_size",
+        )
+        _require(
+            self.execution in EXECUTION_MODES, self, f"execution must be one of {EXECUTION_MODES}"
+        )
 
     @property
     def path(self) -> Path:
@@ -68,6 +84,9 @@ _TYPES: Final[Mapping[str, tuple[type, ...]]] = {
     "instances": (int,),
     "engine_class": (str,),
     "max_request_bytes": (int,),
+    "max_queue_size": (int,),
+    "preferred_batch_sizes": (list,),
+    "execution": (str,),
     "description": (str,),
 }
 
@@ -84,6 +103,8 @@ def load_model_config(directory: Path) -> ModelConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     _check_keys(path, raw)
+    if "preferred_batch_sizes" in raw:
+        raw["preferred_batch_sizes"] = tuple(raw["preferred_batch_sizes"])
     config = ModelConfig(directory=directory.resolve(), **{"name": directory.name, **raw})
     if not config.path.is_file():
         raise ConfigError(f"{path}: model file {config.file!r} not found in {directory}")

@@ -1,13 +1,23 @@
-"""One model version's request path on a worker: check, compute off the loop, reply."""
+"""One model version's request path on a worker.
+
+On the event loop: decode, check, queue. On each engine instance (its own thread, or the loop
+for engines faster than a thread hop): take a batch, drop expired requests, run the engine,
+split and encode the outputs. Every request gets an answer, whatever goes wrong.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
+import statistics
 import time
-from collections import Counter
+from collections.abc import Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Final
 
+import numpy as np
 import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -20,19 +30,25 @@ from inferbus.codecs import (
     encode_error,
     encode_response,
 )
-from inferbus.engines import Engine
+from inferbus.engines import Engine, create_engine
 from inferbus.errors import (
     BadInput,
     DeadlineExceeded,
     EngineFailure,
     PayloadTooLarge,
     RequestError,
+    Unavailable,
 )
 from inferbus.pipeline._service import EndpointRecord
+from inferbus.pipeline._stats import ModelStats
 from inferbus.pipeline._threads import run_in_thread
+from inferbus.pipeline.batching import BatchQueue, Pending
 from inferbus.pipeline.subjects import ERROR_CODE_HEADER, ERROR_HEADER
+from inferbus.repository import ModelConfig
 
 _MAX_HEADER_TEXT: Final = 512
+# A hop to a thread and back costs ~160 µs here (DESIGN.md): engines faster than this run inline.
+INLINE_BELOW_S: Final = 200e-6
 
 log = logging.getLogger("inferbus.worker")
 
@@ -43,58 +59,114 @@ def error_headers(error: RequestError) -> dict[str, str]:
     return {ERROR_HEADER: text, ERROR_CODE_HEADER: str(error.code)}
 
 
-class ServedModel:
-    """A loaded engine and the counters its endpoints report."""
+@dataclass(frozen=True, slots=True)
+class _Work:
+    request: InferRequest
+    rows: int
+    deadline: float | None
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.config = engine.config
-        self.signature = engine.signature
-        self.executor = ThreadPoolExecutor(
-            max_workers=self.config.instances, thread_name_prefix=f"inferbus-{self.config.name}"
+
+Outcome = bytes | RequestError
+
+
+async def load_served_model(config: ModelConfig) -> ServedModel:
+    """Create, load and warm up ``instances`` engines off the loop; choose where they run."""
+    engines = [create_engine(config) for _ in range(config.instances)]
+    for engine in engines:
+        await run_in_thread(None, engine.load)
+        await run_in_thread(None, engine.warm_up)
+    inline = config.execution == "inline"
+    if config.execution == "auto" and config.instances == 1:
+        inline = await run_in_thread(None, _time_full_batch, engines[0]) < INLINE_BELOW_S
+    where = "on the event loop" if inline else f"on {config.instances} thread(s)"
+    engine = engines[0]
+    log.info(
+        "%s v%d loaded: %s on %s, runs %s",
+        config.name, config.version, engine.backend, engine.device, where,
+    )  # fmt: skip
+    return ServedModel(engines, inline=inline)
+
+
+def _time_full_batch(engine: Engine) -> float:
+    signature = engine.signature
+    batch = engine.config.max_batch_size if _is_batched(engine) else 1
+    inputs = signature.examples(batch)
+    timings = []
+    for _ in range(3):
+        started = time.perf_counter()
+        engine(inputs)
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
+
+
+def _is_batched(engine: Engine) -> bool:
+    inputs = engine.signature.inputs
+    return bool(inputs) and all(spec.shape[:1] == (-1,) for spec in inputs)
+
+
+class ServedModel:
+    """A model version's engine instances, batch queue and counters."""
+
+    def __init__(self, engines: Sequence[Engine], *, inline: bool = False) -> None:
+        self.engines = list(engines)
+        self.config = self.engines[0].config
+        self.signature = self.engines[0].signature
+        self.stats = ModelStats()
+        self.queue: BatchQueue[_Work, Outcome] = BatchQueue(
+            max_batch_size=self.config.max_batch_size,
+            max_queue_delay_s=self.config.max_queue_delay_ms / 1e3,
+            max_queue_size=self.config.max_queue_size,
+            preferred_batch_sizes=self.config.preferred_batch_sizes,
         )
-        self.inference_count = 0
-        self.compute_ns = 0
-        self.errors_by_code: Counter[int] = Counter()
+        self.executors = [
+            None
+            if inline
+            else ThreadPoolExecutor(1, thread_name_prefix=f"inferbus-{self.config.name}-{i}")
+            for i in range(len(self.engines))
+        ]
+        self._batched = _is_batched(self.engines[0])
         self._output_names = frozenset(spec.name for spec in self.signature.outputs)
-        self._batched = all(spec.shape[:1] == (-1,) for spec in self.signature.inputs)
+        self._consumers: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        """Start one consumer per engine instance (on the running loop)."""
+        self._consumers = [
+            asyncio.create_task(self._consume(engine, executor))
+            for engine, executor in zip(self.engines, self.executors, strict=True)
+        ]
 
     def metadata(self) -> dict[str, str]:
         """Endpoint metadata: ADR-32 allows only strings, so the signature is JSON text."""
+        engine = self.engines[0]
         return {
             "model": self.config.name,
             "version": str(self.config.version),
-            "engine": self.engine.backend or type(self.engine).__name__,
-            "device": self.engine.device,
+            "engine": engine.backend or type(engine).__name__,
+            "device": engine.device,
             "max_batch_size": str(self.config.max_batch_size),
+            "instances": str(len(self.engines)),
             "signature": orjson.dumps(self.signature.to_dict()).decode(),
         }
 
     def stats_data(self) -> dict[str, Any]:
-        return {
-            "inference_count": self.inference_count,
-            "compute_ns": self.compute_ns,
-            "errors_by_code": {str(code): n for code, n in sorted(self.errors_by_code.items())},
-        }
+        return self.stats.snapshot(pending=len(self.queue))
+
+    # --- on the event loop ----------------------------------------------------------------------
 
     async def handle(self, client: NatsClient, msg: Msg, record: EndpointRecord) -> None:
         """Answer one request; every failure becomes a coded error reply."""
         started = time.perf_counter_ns()
         headers: dict[str, str] | None = None
-        error: str | None = None
+        failure: RequestError | None = None
         try:
             body = await self._answer(msg, client.max_payload)
         except Exception as exc:  # every request gets an answer, whatever went wrong
             failure = exc if isinstance(exc, RequestError) else _internal(exc, self.config.name)
             failure.model = self.config.name
-            body, headers, error = (
-                encode_error(failure.message),
-                error_headers(failure),
-                str(failure),
-            )
-            self.errors_by_code[failure.code] += 1
+            body, headers = encode_error(failure.message), error_headers(failure)
         await client.publish(msg.reply, body, headers=headers)
-        record.observe(time.perf_counter_ns() - started, error)
+        self.stats.request_done(None if failure is None else failure.code)
+        record.observe(time.perf_counter_ns() - started, None if failure is None else str(failure))
 
     async def _answer(self, msg: Msg, max_payload: int) -> bytes:
         received = time.monotonic()
@@ -104,60 +176,145 @@ class ServedModel:
                 f"{self.config.max_request_bytes}"
             )
         request = decode_request(msg.data)
-        self._check(request)
+        rows = self._check(request)
         deadline = None if request.timeout_us is None else received + request.timeout_us / 1e6
-        body = await run_in_thread(self.executor, self._compute, request, deadline)
-        if len(body) > max_payload:
+        work = _Work(request, rows, deadline)
+        outcome = await self.queue.submit(work, rows=rows, key=self._batch_key(request))
+        if isinstance(outcome, RequestError):
+            raise outcome
+        if len(outcome) > max_payload:
             raise PayloadTooLarge(
-                f"reply of {len(body)} bytes exceeds the NATS server's max_payload {max_payload}"
+                f"reply of {len(outcome)} bytes exceeds the NATS server's max_payload {max_payload}"
             )
-        return body
+        return outcome
 
-    def _check(self, request: InferRequest) -> None:
+    def _check(self, request: InferRequest) -> int:
+        """Validate against the signature; the request's batch size in rows."""
         self.signature.check_inputs(request.inputs)
         unknown = set(request.outputs) - self._output_names
         if unknown:
             raise BadInput(f"unknown outputs {sorted(unknown)}; has {sorted(self._output_names)}")
-        if self._batched and request.inputs:
-            batch = max(array.shape[0] for array in request.inputs.values())
-            if batch > self.config.max_batch_size:
-                raise PayloadTooLarge(
-                    f"batch of {batch} exceeds max_batch_size {self.config.max_batch_size}"
-                )
+        if not self._batched:
+            return 1
+        sizes = {array.shape[0] for array in request.inputs.values()}
+        if len(sizes) != 1:
+            raise BadInput(f"inputs disagree on the batch size: {sorted(sizes)}")
+        rows: int = sizes.pop()
+        if rows > self.config.max_batch_size:
+            raise PayloadTooLarge(
+                f"batch of {rows} exceeds max_batch_size {self.config.max_batch_size}"
+            )
+        return rows
 
-    def _compute(self, request: InferRequest, deadline: float | None) -> bytes:
-        """Runs on the model's executor: the engine call and the encoding of its outputs."""
-        if deadline is not None and time.monotonic() > deadline:
-            raise DeadlineExceeded("the time budget ran out before compute; the engine was skipped")
+    def _batch_key(self, request: InferRequest) -> Hashable:
+        """Requests batch together when everything but their first dimension matches."""
+        if not self._batched:
+            return object()  # unbatched models run each request alone
+        return tuple((n, a.shape[1:]) for n, a in request.inputs.items()), request.outputs
+
+    async def _consume(self, engine: Engine, executor: ThreadPoolExecutor | None) -> None:
+        while True:
+            batch = await self.queue.next_batch()
+            live = self._drop_expired(batch)
+            if not live:
+                continue
+            works = [item.payload for item in live]
+            if executor is None:
+                outcomes = self._run_batch(engine, works)
+            else:
+                outcomes = await run_in_thread(executor, self._run_batch, engine, works)
+            for item, outcome in zip(live, outcomes, strict=True):
+                if not item.future.done():
+                    item.future.set_result(outcome)
+
+    def _drop_expired(self, batch: list[Pending[_Work, Outcome]]) -> list[Pending[_Work, Outcome]]:
+        now = time.monotonic()
+        live = []
+        for item in batch:
+            self.stats.queued(int((now - item.enqueued) * 1e9))
+            deadline = item.payload.deadline
+            if deadline is not None and now > deadline:
+                item.future.set_result(
+                    DeadlineExceeded("the time budget ran out in the queue; the engine was skipped")
+                )
+            else:
+                live.append(item)
+        return live
+
+    # --- on the engine's thread (or inline) -----------------------------------------------------
+
+    def _run_batch(self, engine: Engine, works: list[_Work]) -> list[Outcome]:
+        """Run a batch; if it fails, run its requests one by one so only the bad one fails."""
+        try:
+            per_request = self._infer(engine, works)
+        except RequestError as exc:
+            if len(works) == 1:
+                return [exc]
+            return [self._run_batch(engine, [work])[0] for work in works]
+        return [
+            self._encode(work, outputs) for work, outputs in zip(works, per_request, strict=True)
+        ]
+
+    def _infer(self, engine: Engine, works: list[_Work]) -> list[Tensors]:
+        if len(works) == 1:
+            inputs = works[0].request.inputs
+        else:
+            names = works[0].request.inputs.keys()
+            inputs = {n: np.concatenate([w.request.inputs[n] for w in works]) for n in names}
         started = time.perf_counter_ns()
-        outputs = self._run_engine(request.inputs)
-        self.compute_ns += time.perf_counter_ns() - started
-        self.inference_count += 1
-        missing = (set(request.outputs) or self._output_names) - outputs.keys()
+        outputs = _call_engine(engine, inputs)
+        rows = sum(work.rows for work in works)
+        self.stats.executed(len(works), rows, time.perf_counter_ns() - started)
+        missing = self._output_names - outputs.keys()
         if missing:
             raise EngineFailure(f"the engine did not return outputs {sorted(missing)}")
-        if request.outputs:
-            outputs = {name: outputs[name] for name in request.outputs}
-        response = InferResponse(
-            request.id, self.config.name, str(self.config.version), dict(outputs)
-        )
+        if len(works) == 1:
+            return [outputs]
+        return _split(outputs, [work.rows for work in works])
+
+    def _encode(self, work: _Work, outputs: Tensors) -> Outcome:
+        if work.request.outputs:
+            outputs = {name: outputs[name] for name in work.request.outputs}
+        version = str(self.config.version)
+        response = InferResponse(work.request.id, self.config.name, version, dict(outputs))
         try:
             return encode_response(response)
         except BadInput as exc:  # the engine's output, not the caller's input, is at fault
-            raise EngineFailure(f"cannot encode the engine's outputs: {exc.message}") from exc
+            return EngineFailure(f"cannot encode the engine's outputs: {exc.message}")
 
-    def _run_engine(self, inputs: Tensors) -> Tensors:
-        try:
-            return self.engine(inputs)
-        except RequestError:
-            raise
-        except Exception as exc:  # a user's hook or a backend: the caller gets a 500, we a log
-            log.exception("%s: engine failed", self.config.name)
-            raise EngineFailure(f"{type(exc).__name__}: {exc}") from exc
+    async def close(self) -> None:
+        for consumer in self._consumers:
+            consumer.cancel()
+        await asyncio.gather(*self._consumers, return_exceptions=True)
+        self.queue.fail_all(Unavailable("the worker is shutting down"))
+        for executor in self.executors:
+            if executor is not None:
+                executor.shutdown(wait=True)
+        for engine in self.engines:
+            engine.close()
 
-    def close(self) -> None:
-        self.executor.shutdown(wait=True)
-        self.engine.close()
+
+def _call_engine(engine: Engine, inputs: Tensors) -> Tensors:
+    try:
+        return engine(inputs)
+    except RequestError:
+        raise
+    except Exception as exc:  # a user's hook or a backend: the caller gets a 500, we a log
+        log.exception("%s: engine failed", engine.config.name)
+        raise EngineFailure(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _split(outputs: Tensors, rows: list[int]) -> list[Tensors]:
+    """Cut batched outputs back into one mapping per request, in order."""
+    total = sum(rows)
+    for name, array in outputs.items():
+        if array.ndim == 0 or array.shape[0] != total:
+            raise EngineFailure(f"output {name!r} has shape {list(array.shape)}, not {total} rows")
+    bounds = np.cumsum([0, *rows])
+    return [
+        {name: array[start:stop] for name, array in outputs.items()}
+        for start, stop in itertools.pairwise(bounds)
+    ]
 
 
 def _internal(exc: Exception, model: str) -> EngineFailure:

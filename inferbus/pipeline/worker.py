@@ -19,26 +19,15 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from inferbus import __version__
-from inferbus.engines import create_engine
 from inferbus.errors import ConfigError
 from inferbus.pipeline._connection import ConnectOptions, connect_nats
 from inferbus.pipeline._lifecycle import AsyncResource
 from inferbus.pipeline._service import EndpointRecord, MicroService
-from inferbus.pipeline._serving import ServedModel
-from inferbus.pipeline._threads import run_in_thread
+from inferbus.pipeline._serving import ServedModel, load_served_model
 from inferbus.pipeline.subjects import SERVICE_NAME, infer_subject, queue_group
 from inferbus.repository import ModelConfig
 
 log = logging.getLogger("inferbus.worker")
-
-
-async def load_model(config: ModelConfig) -> ServedModel:
-    """Create, load and warm up one model's engine, off the event loop."""
-    engine = create_engine(config)
-    await run_in_thread(None, engine.load)
-    await run_in_thread(None, engine.warm_up)
-    log.info("%s v%d loaded (%s on %s)", config.name, config.version, engine.backend, engine.device)
-    return ServedModel(engine)
 
 
 class Worker(AsyncResource):
@@ -65,7 +54,7 @@ class Worker(AsyncResource):
     async def start(self) -> None:
         self._check_endpoint_names()
         for config in self.configs:
-            self.models.append(await load_model(config))
+            self.models.append(await load_served_model(config))
         client = self._client = await connect_nats(self.options)
         self._service = MicroService(
             client,
@@ -76,6 +65,7 @@ class Worker(AsyncResource):
         )
         await self._service.start()
         for model in self.models:
+            model.start()
             await self._subscribe(model, model.config.version)
             if self._is_latest(model.config):
                 await self._subscribe(model, None)
@@ -146,7 +136,7 @@ class Worker(AsyncResource):
             await self._drain(client)
         models, self.models = self.models, []
         for model in models:
-            await run_in_thread(None, model.close)
+            await model.close()
         if client is not None:
             log.info("worker stopped")
 

@@ -1,0 +1,111 @@
+"""Dynamic batching: one small asyncio primitive.
+
+Requests wait in a bounded queue; an idle engine instance takes the oldest compatible ones,
+up to ``max_batch_size`` rows, after waiting at most ``max_queue_delay`` for more (or at once
+when a preferred batch size is reached). A full queue refuses with ``Overloaded`` (429).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from inferbus.errors import Overloaded
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(slots=True, eq=False)
+class Pending(Generic[T, R]):
+    """One request waiting for a batch: its payload, size in rows and the future to resolve."""
+
+    payload: T
+    rows: int
+    key: Hashable
+    future: asyncio.Future[R]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class BatchQueue(Generic[T, R]):
+    """Collects ``Pending`` requests into batches of compatible ``key`` (same trailing shapes)."""
+
+    def __init__(
+        self,
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float = 0.0,
+        max_queue_size: int = 1024,
+        preferred_batch_sizes: tuple[int, ...] = (),
+    ) -> None:
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size
+        self.preferred = frozenset(preferred_batch_sizes)
+        self._pending: deque[Pending[T, R]] = deque()
+        self._arrived = asyncio.Event()
+        self._collecting = asyncio.Lock()  # one instance gathers a batch at a time
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def submit(self, payload: T, *, rows: int, key: Hashable) -> asyncio.Future[R]:
+        """Queue one request; its future resolves when its batch has run."""
+        if len(self._pending) >= self.max_queue_size:
+            raise Overloaded(f"queue full ({self.max_queue_size} requests waiting); retry later")
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._pending.append(Pending(payload, rows, key, future))
+        self._arrived.set()
+        return future
+
+    async def next_batch(self) -> list[Pending[T, R]]:
+        """Wait for work, then return the next batch; empty only if all its callers gave up."""
+        async with self._collecting:
+            while not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+            deadline = self._pending[0].enqueued + self.max_queue_delay_s
+            while not self._ready() and (wait := deadline - time.monotonic()) > 0:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), wait)
+                except TimeoutError:
+                    break
+            return self._take()
+
+    def _compatible_rows(self) -> int:
+        key = self._pending[0].key
+        return sum(p.rows for p in self._pending if p.key == key)
+
+    def _ready(self) -> bool:
+        rows = self._compatible_rows()
+        return rows >= self.max_batch_size or rows in self.preferred
+
+    def _take(self) -> list[Pending[T, R]]:
+        """The oldest request and the compatible ones after it, up to max_batch_size rows."""
+        first = self._pending.popleft()
+        batch, rows, kept = [first], first.rows, deque[Pending[T, R]]()
+        while self._pending:
+            item = self._pending.popleft()
+            if rows >= self.max_batch_size:
+                kept.append(item)
+                kept.extend(self._pending)
+                break
+            if item.key == first.key and rows + item.rows <= self.max_batch_size:
+                batch.append(item)
+                rows += item.rows
+            else:
+                kept.append(item)
+        self._pending = kept
+        return [p for p in batch if not p.future.done()]  # callers that gave up are skipped
+
+    def fail_all(self, error: BaseException) -> None:
+        """Fail every waiting request (the model is shutting down)."""
+        while self._pending:
+            item = self._pending.popleft()
+            if not item.future.done():
+                item.future.set_exception(error)
