@@ -8,7 +8,6 @@ split and encode the outputs. Every request gets an answer, whatever goes wrong.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import statistics
 import time
@@ -39,6 +38,7 @@ from inferbus.errors import (
     RequestError,
     Unavailable,
 )
+from inferbus.pipeline._mapping import unpack
 from inferbus.pipeline._service import EndpointRecord
 from inferbus.pipeline._stats import ModelStats
 from inferbus.pipeline._threads import run_in_thread
@@ -255,7 +255,7 @@ class ServedModel:
             self._encode(work, outputs) for work, outputs in zip(works, per_request, strict=True)
         ]
 
-    def _infer(self, engine: Engine, works: list[_Work]) -> list[Tensors]:
+    def _infer(self, engine: Engine, works: list[_Work]) -> Sequence[Tensors]:
         if len(works) == 1:
             inputs = works[0].request.inputs
         else:
@@ -270,7 +270,7 @@ class ServedModel:
             raise EngineFailure(f"the engine did not return outputs {sorted(missing)}")
         if len(works) == 1:
             return [outputs]
-        return _split(outputs, [work.rows for work in works])
+        return unpack(outputs, [work.rows for work in works])
 
     def _encode(self, work: _Work, outputs: Tensors) -> Outcome:
         if work.request.outputs:
@@ -302,19 +302,6 @@ def _call_engine(engine: Engine, inputs: Tensors) -> Tensors:
     except Exception as exc:  # a user's hook or a backend: the caller gets a 500, we a log
         log.exception("%s: engine failed", engine.config.name)
         raise EngineFailure(f"{type(exc).__name__}: {exc}") from exc
-
-
-def _split(outputs: Tensors, rows: list[int]) -> list[Tensors]:
-    """Cut batched outputs back into one mapping per request, in order."""
-    total = sum(rows)
-    for name, array in outputs.items():
-        if array.ndim == 0 or array.shape[0] != total:
-            raise EngineFailure(f"output {name!r} has shape {list(array.shape)}, not {total} rows")
-    bounds = np.cumsum([0, *rows])
-    return [
-        {name: array[start:stop] for name, array in outputs.items()}
-        for start, stop in itertools.pairwise(bounds)
-    ]
 
 
 def _internal(exc: Exception, model: str) -> EngineFailure:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import sys
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from nats.aio.client import Client as NatsClient
@@ -21,11 +24,13 @@ from inferbus.errors import (
     EngineFailure,
     ModelNotFound,
     PayloadTooLarge,
+    RequestError,
     Unavailable,
     error_for_code,
 )
 from inferbus.pipeline._connection import ConnectOptions, connect_nats, split_servers
 from inferbus.pipeline._lifecycle import AsyncResource
+from inferbus.pipeline._mapping import Chunk, pack, unpack
 from inferbus.pipeline.discovery import ModelInfo, models_from_infos, serves, service_infos
 from inferbus.pipeline.subjects import ERROR_CODE_HEADER, infer_subject
 
@@ -62,10 +67,13 @@ class InferResult(Mapping[str, np.ndarray]):
 class Client(AsyncResource):
     """A connection to an inferbus cluster. Create it with ``inferbus.connect``."""
 
-    def __init__(self, options: ConnectOptions) -> None:
+    def __init__(self, options: ConnectOptions, *, max_in_flight: int = 256) -> None:
+        if max_in_flight < 1:
+            raise BadInput("max_in_flight must be >= 1")
         self.options = options
         self._nats: NatsClient | None = None
-        self._input_names: dict[tuple[str, int | None], str] = {}
+        self._described: dict[tuple[str, int | None], ModelInfo] = {}
+        self._slots = asyncio.Semaphore(max_in_flight)
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid()}-{id(self):x}-"
 
@@ -104,11 +112,7 @@ class Client(AsyncResource):
         if timeout <= 0:
             raise BadInput("timeout must be positive")
         subject = infer_subject(model, version)
-        named = (
-            inputs
-            if isinstance(inputs, Mapping)
-            else await self._name_single(model, version, inputs)
-        )
+        named = await self._named(model, version, inputs)
         request = InferRequest(
             id=f"{self._id_prefix}{next(self._ids)}",
             inputs=named,
@@ -122,7 +126,8 @@ class Client(AsyncResource):
                 f"{self.nats.max_payload}",
                 model=model,
             )
-        reply = await self._request(subject, body, timeout, model)
+        async with self._slots:
+            reply = await self._request(subject, body, timeout, model)
         return _result(reply, model)
 
     async def _request(self, subject: str, body: bytes, timeout: float, model: str) -> Msg:
@@ -135,25 +140,89 @@ class Client(AsyncResource):
         except ConnectionClosedError as exc:
             raise Unavailable(f"NATS connection closed: {exc}", model=model) from exc
 
-    async def _name_single(
-        self, model: str, version: int | None, array: np.ndarray
-    ) -> dict[str, np.ndarray]:
-        """A bare array goes to the model's only input, whose name discovery tells once."""
+    async def map(
+        self,
+        model: str,
+        items: Iterable[Inputs],
+        *,
+        version: int | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        concurrency: int = 16,
+        pack: int = 1,
+        errors: Literal["raise", "return"] = "raise",
+        progress: bool | None = None,
+        total: int | None = None,
+    ) -> AsyncIterator[InferResult | RequestError]:
+        """Run ``model`` on every item, yielding results in input order.
+
+        Each item is what ``infer`` takes. ``concurrency`` requests are in flight at once;
+        ``pack`` > 1 concatenates up to that many consecutive items (up to the model's
+        max batch size in rows) into one request and splits the outputs back. With
+        ``errors="return"`` a failed item yields its ``RequestError`` in place; with "raise"
+        the first failure stops the run. ``progress`` shows a bar (default: on a terminal).
+        """
+        if concurrency < 1 or pack < 1:
+            raise BadInput("concurrency and pack must be >= 1")
+        info = await self.describe(model, version) if pack > 1 else None
+        max_rows = info.max_batch_size if info else 1
+        named = (await self._named(model, version, item) for item in items)
+        bar = _progress_bar(progress, total if total is not None else _length(items), model)
+        window: deque[asyncio.Task[list[InferResult | RequestError]]] = deque()
+        try:
+            async for chunk in _apack(named, samples=pack, max_rows=max_rows):
+                window.append(
+                    asyncio.create_task(self._infer_chunk(model, chunk, version, timeout))
+                )
+                if len(window) >= concurrency:
+                    for result in await _next_results(window, errors, bar):
+                        yield result
+            while window:
+                for result in await _next_results(window, errors, bar):
+                    yield result
+        finally:
+            for task in window:
+                task.cancel()
+            await asyncio.gather(*window, return_exceptions=True)
+            bar.close()
+
+    async def _infer_chunk(
+        self, model: str, chunk: Chunk, version: int | None, timeout: float
+    ) -> list[InferResult | RequestError]:
+        try:
+            result = await self.infer(model, chunk.inputs, version=version, timeout=timeout)
+        except RequestError as exc:
+            return [exc] * len(chunk.rows)
+        parts = unpack(result, chunk.rows)
+        return [
+            InferResult(part, result.model_name, result.model_version, result.id) for part in parts
+        ]
+
+    async def describe(self, model: str, version: int | None = None) -> ModelInfo:
+        """The signature and limits of a served model (asked once, then remembered)."""
         key = (model, version)
-        if key not in self._input_names:
-            found = [m for m in await self.models(until=serves(model, version)) if m.name == model]
-            found = [m for m in found if version in (None, m.version)]
+        if key not in self._described:
+            found = [
+                m
+                for m in await self.models(until=serves(model, version))
+                if m.name == model and version in (None, m.version)
+            ]
             if not found:
                 raise ModelNotFound(
                     f"no worker serves {infer_subject(model, version)}", model=model
                 )
-            names = [spec.name for spec in found[-1].signature.inputs]
-            if len(names) != 1:
-                raise BadInput(
-                    f"model has inputs {names}: pass a dict of named arrays", model=model
-                )
-            self._input_names[key] = names[0]
-        return {self._input_names[key]: np.asarray(array)}
+            self._described[key] = found[-1]
+        return self._described[key]
+
+    async def _named(
+        self, model: str, version: int | None, inputs: Inputs
+    ) -> Mapping[str, np.ndarray]:
+        """A bare array goes to the model's only input."""
+        if isinstance(inputs, Mapping):
+            return inputs
+        names = [spec.name for spec in (await self.describe(model, version)).signature.inputs]
+        if len(names) != 1:
+            raise BadInput(f"model has inputs {names}: pass a dict of named arrays", model=model)
+        return {names[0]: np.asarray(inputs)}
 
     async def models(
         self, *, timeout: float = 0.5, until: Callable[[dict[str, Any]], bool] | None = None
@@ -180,6 +249,7 @@ def connect(
     servers: str | Sequence[str] | None = None,
     *,
     name: str = "inferbus-client",
+    max_in_flight: int = 256,
     creds: str | None = None,
     tls_ca: str | None = None,
     tls_cert: str | None = None,
@@ -188,7 +258,8 @@ def connect(
     """A client for ``servers`` (default ``$INFERBUS_SERVERS`` or nats://127.0.0.1:4222).
 
     Use it as ``async with inferbus.connect(...) as client``. ``creds`` is a NATS credentials
-    file (default ``$INFERBUS_CREDS``); ``tls_*`` are PEM paths for TLS.
+    file (default ``$INFERBUS_CREDS``); ``tls_*`` are PEM paths for TLS. At most
+    ``max_in_flight`` requests wait for replies at once; more wait their turn in the client.
     """
     settings: dict[str, Any] = {"name": name, "tls_ca": tls_ca, "tls_cert": tls_cert}
     settings["tls_key"] = tls_key
@@ -196,4 +267,47 @@ def connect(
         settings["servers"] = split_servers(servers if isinstance(servers, str) else list(servers))
     if creds is not None:
         settings["creds"] = creds
-    return Client(ConnectOptions(**settings))
+    return Client(ConnectOptions(**settings), max_in_flight=max_in_flight)
+
+
+async def _apack(
+    items: AsyncIterator[Mapping[str, np.ndarray]], *, samples: int, max_rows: int
+) -> AsyncIterator[Chunk]:
+    """``pack`` over an async source, kept lazy so huge inputs are never all in memory."""
+    group: list[Mapping[str, np.ndarray]] = []
+    async for item in items:
+        group.append(item)
+        if len(group) == samples:
+            for chunk in pack(group, samples=samples, max_rows=max_rows):
+                yield chunk
+            group = []
+    for chunk in pack(group, samples=samples, max_rows=max_rows):
+        yield chunk
+
+
+async def _next_results(
+    window: deque[asyncio.Task[list[InferResult | RequestError]]],
+    errors: str,
+    bar: Any,
+) -> list[InferResult | RequestError]:
+    results = await window.popleft()
+    bar.update(len(results))
+    if errors == "raise":
+        for result in results:
+            if isinstance(result, RequestError):
+                raise result
+    return results
+
+
+def _length(items: Iterable[Any]) -> int | None:
+    try:
+        return len(items)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _progress_bar(progress: bool | None, total: int | None, model: str) -> Any:
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() if progress is None else progress
+    return tqdm(total=total, disable=not show, desc=model, unit="item", dynamic_ncols=True)
