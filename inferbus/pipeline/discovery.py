@@ -35,9 +35,10 @@ async def gather(
     *,
     timeout: float = 0.5,
     until: Callable[[dict[str, Any]], bool] | None = None,
+    count: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Every JSON reply to ``subject`` within ``timeout`` (or up to the first that ``until``
-    accepts): one request, many responders."""
+    """Every JSON reply to ``subject`` within ``timeout``, or up to the first that ``until``
+    accepts, or up to ``count`` replies: one request, many responders."""
     inbox = client.new_inbox()
     replies: list[dict[str, Any]] = []
     done = asyncio.Event()
@@ -47,7 +48,7 @@ async def gather(
             reply = orjson.loads(msg.data)
             if isinstance(reply, dict):
                 replies.append(reply)
-                if until is not None and until(reply):
+                if (until is not None and until(reply)) or len(replies) == count:
                     done.set()
 
     subscription = await client.subscribe(inbox, cb=collect)
