@@ -12,7 +12,16 @@ from inferbus.errors import RequestError, error_for_code
 
 def test_exported_members() -> None:
     public = {name for name in dir(inferbus) if not name.startswith("_")}
-    submodules = {"cli", "codecs", "engines", "errors", "natsserver", "pipeline", "repository"}
+    submodules = {
+        "bench",
+        "cli",
+        "codecs",
+        "engines",
+        "errors",
+        "natsserver",
+        "pipeline",
+        "repository",
+    }
     assert public - submodules == set(inferbus.__all__) - {"__version__"}
     for name in inferbus.__all__:
         assert getattr(inferbus, name) is not None
