@@ -10,11 +10,10 @@ order the JSON lists them. docs/PROTOCOL.md is the normative description.
 
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 import orjson
@@ -54,12 +53,14 @@ class InferResponse:
     outputs: Tensors = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class _TensorEntry:
+class _TensorEntry(NamedTuple):
     name: str
     datatype: str
     shape: tuple[int, ...]
     size: int
+
+
+_NO_PARAMETERS: Final[dict[str, Any]] = {}
 
 
 def encode_request(request: InferRequest) -> bytes:
@@ -159,7 +160,7 @@ def _unframe(body: bytes) -> tuple[dict[str, Any], memoryview]:
 
 def _read_tensors(header: dict[str, Any], key: str, data: memoryview) -> dict[str, np.ndarray]:
     raw_entries = header.get(key)
-    if not isinstance(raw_entries, list):
+    if type(raw_entries) is not list:
         raise BadInput(f"{key!r} must be a list of tensors")
     entries = [_tensor_entry(entry, key, index) for index, entry in enumerate(raw_entries)]
     declared = sum(entry.size for entry in entries)
@@ -170,41 +171,49 @@ def _read_tensors(header: dict[str, Any], key: str, data: memoryview) -> dict[st
     for entry in entries:
         if entry.name in tensors:
             raise BadInput(f"tensor {entry.name!r} appears twice")
-        chunk = data[offset : offset + entry.size]
-        tensors[entry.name] = raw.decode(chunk, entry.datatype, entry.shape)
-        offset += entry.size
+        end = offset + entry.size
+        tensors[entry.name] = raw.decode(data[offset:end], entry.datatype, entry.shape)
+        offset = end
     return tensors
 
 
 def _tensor_entry(entry: object, key: str, index: int) -> _TensorEntry:
-    where = f"{key}[{index}]"
-    if not isinstance(entry, dict):
-        raise BadInput(f"{where} must be an object")
-    name, datatype, shape = entry.get("name"), entry.get("datatype"), entry.get("shape")
-    if not isinstance(name, str) or not name:
-        raise BadInput(f"{where}.name must be a non-empty string")
-    if not isinstance(datatype, str) or datatype not in DATATYPES:
-        raise BadInput(f"{where} ({name}): unknown datatype {datatype!r}")
-    parameters = _optional_dict(entry, "parameters", where)
+    # On the hot path: plain type checks, and error text built only when there is an error.
+    if type(entry) is not dict:
+        raise BadInput(f"{key}[{index}] must be an object")
+    name, datatype = entry.get("name"), entry.get("datatype")
+    if type(name) is not str or not name:
+        raise BadInput(f"{key}[{index}].name must be a non-empty string")
+    if type(datatype) is not str or datatype not in DATATYPES:
+        raise BadInput(f"{key}[{index}] ({name}): unknown datatype {datatype!r}")
+    parameters = entry.get("parameters", _NO_PARAMETERS)
+    if type(parameters) is not dict:
+        raise BadInput(f"{key}[{index}].parameters must be an object")
     if "data" in entry:
-        raise BadInput(f"{where} ({name}): JSON tensor data is not supported; send binary data")
+        raise BadInput(f"{key}[{index}] ({name}): JSON tensor data is not supported; send binary")
     codec = parameters.get("codec", raw.NAME)
     if codec != raw.NAME:
-        raise BadInput(f"{where} ({name}): unknown codec {codec!r}")
+        raise BadInput(f"{key}[{index}] ({name}): unknown codec {codec!r}")
     size = parameters.get("binary_data_size")
     if type(size) is not int or size < 0:
-        raise BadInput(f"{where} ({name}): parameters.binary_data_size must be an integer >= 0")
-    return _TensorEntry(name, str(datatype), _shape(shape, where, name), size)
+        raise BadInput(
+            f"{key}[{index}] ({name}): parameters.binary_data_size must be an integer >= 0"
+        )
+    return _TensorEntry(name, datatype, _shape(entry.get("shape"), key, index, name), size)
 
 
-def _shape(shape: object, where: str, name: str) -> tuple[int, ...]:
-    if not isinstance(shape, list) or len(shape) > MAX_RANK:
-        raise BadInput(f"{where} ({name}): shape must be a list of at most {MAX_RANK} dimensions")
-    if not all(type(dim) is int and dim >= 0 for dim in shape):
-        raise BadInput(f"{where} ({name}): shape {shape} must hold non-negative integers")
-    # Zeros count as ones here: numpy refuses [0, 2**62] although it holds no element.
-    if math.prod(max(dim, 1) for dim in shape) > MAX_ELEMENTS:
-        raise BadInput(f"{where} ({name}): shape {shape} is absurdly large")
+def _shape(shape: object, key: str, index: int, name: str) -> tuple[int, ...]:
+    where = f"{key}[{index}] ({name})"
+    if type(shape) is not list or len(shape) > MAX_RANK:
+        raise BadInput(f"{where}: shape must be a list of at most {MAX_RANK} dimensions")
+    elements = 1
+    for dim in shape:
+        if type(dim) is not int or dim < 0:
+            raise BadInput(f"{where}: shape {shape} must hold non-negative integers")
+        # Zeros count as ones here: numpy refuses [0, 2**62] although it holds no element.
+        elements *= dim or 1
+    if elements > MAX_ELEMENTS:
+        raise BadInput(f"{where}: shape {shape} is absurdly large")
     return tuple(shape)
 
 

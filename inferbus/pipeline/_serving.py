@@ -61,9 +61,14 @@ def error_headers(error: RequestError) -> dict[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class _Work:
+    """An admitted request: what to compute, and where and by when to answer."""
+
     request: InferRequest
     rows: int
     deadline: float | None
+    reply: str
+    record: EndpointRecord
+    received_ns: int
 
 
 Outcome = bytes | RequestError
@@ -112,7 +117,7 @@ class ServedModel:
         self.config = self.engines[0].config
         self.signature = self.engines[0].signature
         self.stats = ModelStats()
-        self.queue: BatchQueue[_Work, Outcome] = BatchQueue(
+        self.queue: BatchQueue[_Work] = BatchQueue(
             max_batch_size=self.config.max_batch_size,
             max_queue_delay_s=self.config.max_queue_delay_ms / 1e3,
             max_queue_size=self.config.max_queue_size,
@@ -127,9 +132,14 @@ class ServedModel:
         self._batched = _is_batched(self.engines[0])
         self._output_names = frozenset(spec.name for spec in self.signature.outputs)
         self._consumers: list[asyncio.Task[None]] = []
+        self._nats: NatsClient | None = None
+        self._outstanding = 0  # admitted, not yet answered
+        self._idle = asyncio.Event()
+        self._idle.set()
 
-    def start(self) -> None:
-        """Start one consumer per engine instance (on the running loop)."""
+    def start(self, client: NatsClient) -> None:
+        """Start one consumer per engine instance (on the running loop), replying via client."""
+        self._nats = client
         self._consumers = [
             asyncio.create_task(self._consume(engine, executor))
             for engine, executor in zip(self.engines, self.executors, strict=True)
@@ -152,24 +162,22 @@ class ServedModel:
         return self.stats.snapshot(pending=len(self.queue))
 
     # --- on the event loop ----------------------------------------------------------------------
+    # No task or future per request: the subscription callback admits a request to the queue,
+    # and the consumer that computes its batch publishes its reply.
 
-    async def handle(self, client: NatsClient, msg: Msg, record: EndpointRecord) -> None:
-        """Answer one request; every failure becomes a coded error reply."""
-        started = time.perf_counter_ns()
-        headers: dict[str, str] | None = None
-        failure: RequestError | None = None
+    async def handle(self, msg: Msg, record: EndpointRecord) -> None:
+        """The subscription callback: admit the request, or answer its error at once."""
+        received_ns = time.perf_counter_ns()
         try:
-            body = await self._answer(msg, client.max_payload)
+            work = self._admit(msg, record, received_ns)
+            self.queue.submit(work, rows=work.rows, key=self._batch_key(work.request))
         except Exception as exc:  # every request gets an answer, whatever went wrong
-            failure = exc if isinstance(exc, RequestError) else _internal(exc, self.config.name)
-            failure.model = self.config.name
-            body, headers = encode_error(failure.message), error_headers(failure)
-        await client.publish(msg.reply, body, headers=headers)
-        self.stats.request_done(None if failure is None else failure.code)
-        record.observe(time.perf_counter_ns() - started, None if failure is None else str(failure))
+            await self._reply_error(msg.reply, record, received_ns, exc)
+            return
+        self._outstanding += 1
+        self._idle.clear()
 
-    async def _answer(self, msg: Msg, max_payload: int) -> bytes:
-        received = time.monotonic()
+    def _admit(self, msg: Msg, record: EndpointRecord, received_ns: int) -> _Work:
         if len(msg.data) > self.config.max_request_bytes:
             raise PayloadTooLarge(
                 f"request of {len(msg.data)} bytes exceeds max_request_bytes "
@@ -177,16 +185,45 @@ class ServedModel:
             )
         request = decode_request(msg.data)
         rows = self._check(request)
-        deadline = None if request.timeout_us is None else received + request.timeout_us / 1e6
-        work = _Work(request, rows, deadline)
-        outcome = await self.queue.submit(work, rows=rows, key=self._batch_key(request))
-        if isinstance(outcome, RequestError):
-            raise outcome
-        if len(outcome) > max_payload:
-            raise PayloadTooLarge(
-                f"reply of {len(outcome)} bytes exceeds the NATS server's max_payload {max_payload}"
+        timeout = request.timeout_us
+        deadline = None if timeout is None else time.monotonic() + timeout / 1e6
+        return _Work(request, rows, deadline, msg.reply, record, received_ns)
+
+    async def _reply(self, work: _Work, outcome: Outcome) -> None:
+        """Publish a computed outcome and count the request as done."""
+        self._outstanding -= 1
+        if not self._outstanding:
+            self._idle.set()
+        if isinstance(outcome, bytes) and len(outcome) > self._client().max_payload:
+            outcome = PayloadTooLarge(
+                f"reply of {len(outcome)} bytes exceeds the NATS server's max_payload "
+                f"{self._client().max_payload}"
             )
-        return outcome
+        if isinstance(outcome, bytes):
+            await self._client().publish(work.reply, outcome)
+            self.stats.request_done(None)
+            work.record.observe(time.perf_counter_ns() - work.received_ns)
+        else:
+            await self._reply_error(work.reply, work.record, work.received_ns, outcome)
+
+    async def _reply_error(
+        self, reply: str, record: EndpointRecord, received_ns: int, exc: Exception
+    ) -> None:
+        failure = exc if isinstance(exc, RequestError) else _internal(exc, self.config.name)
+        failure.model = self.config.name
+        body = encode_error(failure.message)
+        await self._client().publish(reply, body, headers=error_headers(failure))
+        self.stats.request_done(failure.code)
+        record.observe(time.perf_counter_ns() - received_ns, str(failure))
+
+    def _client(self) -> NatsClient:
+        if self._nats is None:
+            raise RuntimeError("ServedModel.start() was not called")
+        return self._nats
+
+    async def wait_idle(self) -> None:
+        """Return once every admitted request has been answered."""
+        await self._idle.wait()
 
     def _check(self, request: InferRequest) -> int:
         """Validate against the signature; the request's batch size in rows."""
@@ -215,30 +252,31 @@ class ServedModel:
     async def _consume(self, engine: Engine, executor: ThreadPoolExecutor | None) -> None:
         while True:
             batch = await self.queue.next_batch()
-            live = self._drop_expired(batch)
-            if not live:
+            works = await self._drop_expired(batch)
+            if not works:
                 continue
-            works = [item.payload for item in live]
-            if executor is None:
-                outcomes = self._run_batch(engine, works)
-            else:
-                outcomes = await run_in_thread(executor, self._run_batch, engine, works)
-            for item, outcome in zip(live, outcomes, strict=True):
-                if not item.future.done():
-                    item.future.set_result(outcome)
+            try:
+                if executor is None:
+                    outcomes = self._run_batch(engine, works)
+                else:
+                    outcomes = await run_in_thread(executor, self._run_batch, engine, works)
+            except Exception as exc:  # a bug of ours must not kill the consumer or lose replies
+                outcomes = [_internal(exc, self.config.name)] * len(works)
+            for work, outcome in zip(works, outcomes, strict=True):
+                await self._reply(work, outcome)
 
-    def _drop_expired(self, batch: list[Pending[_Work, Outcome]]) -> list[Pending[_Work, Outcome]]:
+    async def _drop_expired(self, batch: list[Pending[_Work]]) -> list[_Work]:
+        """Answer 504 for requests whose budget ran out while queued; the rest go on."""
         now = time.monotonic()
         live = []
         for item in batch:
             self.stats.queued(int((now - item.enqueued) * 1e9))
-            deadline = item.payload.deadline
-            if deadline is not None and now > deadline:
-                item.future.set_result(
-                    DeadlineExceeded("the time budget ran out in the queue; the engine was skipped")
-                )
+            work = item.payload
+            if work.deadline is not None and now > work.deadline:
+                expired = DeadlineExceeded("the time budget ran out in the queue; engine skipped")
+                await self._reply(work, expired)
             else:
-                live.append(item)
+                live.append(work)
         return live
 
     # --- on the engine's thread (or inline) -----------------------------------------------------
@@ -286,7 +324,8 @@ class ServedModel:
         for consumer in self._consumers:
             consumer.cancel()
         await asyncio.gather(*self._consumers, return_exceptions=True)
-        self.queue.fail_all(Unavailable("the worker is shutting down"))
+        for item in self.queue.take_all():
+            await self._reply(item.payload, Unavailable("the worker is shutting down"))
         for executor in self.executors:
             if executor is not None:
                 executor.shutdown(wait=True)

@@ -17,21 +17,19 @@ from typing import Generic, TypeVar
 from inferbus.errors import Overloaded
 
 T = TypeVar("T")
-R = TypeVar("R")
 
 
 @dataclass(slots=True, eq=False)
-class Pending(Generic[T, R]):
-    """One request waiting for a batch: its payload, size in rows and the future to resolve."""
+class Pending(Generic[T]):
+    """One request waiting for a batch: its payload, its size in rows and when it arrived."""
 
     payload: T
     rows: int
     key: Hashable
-    future: asyncio.Future[R]
     enqueued: float = field(default_factory=time.monotonic)
 
 
-class BatchQueue(Generic[T, R]):
+class BatchQueue(Generic[T]):
     """Collects ``Pending`` requests into batches of compatible ``key`` (same trailing shapes)."""
 
     def __init__(
@@ -46,24 +44,22 @@ class BatchQueue(Generic[T, R]):
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self.preferred = frozenset(preferred_batch_sizes)
-        self._pending: deque[Pending[T, R]] = deque()
+        self._pending: deque[Pending[T]] = deque()
         self._arrived = asyncio.Event()
         self._collecting = asyncio.Lock()  # one instance gathers a batch at a time
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def submit(self, payload: T, *, rows: int, key: Hashable) -> asyncio.Future[R]:
-        """Queue one request; its future resolves when its batch has run."""
+    def submit(self, payload: T, *, rows: int, key: Hashable) -> None:
+        """Queue one request, or refuse it with ``Overloaded`` when the queue is full."""
         if len(self._pending) >= self.max_queue_size:
             raise Overloaded(f"queue full ({self.max_queue_size} requests waiting); retry later")
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._pending.append(Pending(payload, rows, key, future))
+        self._pending.append(Pending(payload, rows, key))
         self._arrived.set()
-        return future
 
-    async def next_batch(self) -> list[Pending[T, R]]:
-        """Wait for work, then return the next batch; empty only if all its callers gave up."""
+    async def next_batch(self) -> list[Pending[T]]:
+        """Wait for work, then return the next batch (one request at least)."""
         async with self._collecting:
             while not self._pending:
                 self._arrived.clear()
@@ -85,10 +81,10 @@ class BatchQueue(Generic[T, R]):
         rows = self._compatible_rows()
         return rows >= self.max_batch_size or rows in self.preferred
 
-    def _take(self) -> list[Pending[T, R]]:
+    def _take(self) -> list[Pending[T]]:
         """The oldest request and the compatible ones after it, up to max_batch_size rows."""
         first = self._pending.popleft()
-        batch, rows, kept = [first], first.rows, deque[Pending[T, R]]()
+        batch, rows, kept = [first], first.rows, deque[Pending[T]]()
         while self._pending:
             item = self._pending.popleft()
             if rows >= self.max_batch_size:
@@ -101,11 +97,10 @@ class BatchQueue(Generic[T, R]):
             else:
                 kept.append(item)
         self._pending = kept
-        return [p for p in batch if not p.future.done()]  # callers that gave up are skipped
+        return batch
 
-    def fail_all(self, error: BaseException) -> None:
-        """Fail every waiting request (the model is shutting down)."""
-        while self._pending:
-            item = self._pending.popleft()
-            if not item.future.done():
-                item.future.set_exception(error)
+    def take_all(self) -> list[Pending[T]]:
+        """Empty the queue (the model is shutting down) and return what was waiting."""
+        taken = list(self._pending)
+        self._pending.clear()
+        return taken

@@ -42,7 +42,6 @@ class Worker(AsyncResource):
         self._client: NatsClient | None = None
         self._service: MicroService | None = None
         self._subscriptions: list[Subscription] = []
-        self._in_flight: set[asyncio.Task[None]] = set()
         self._stop_requested = asyncio.Event()
 
     @property
@@ -65,7 +64,7 @@ class Worker(AsyncResource):
         )
         await self._service.start()
         for model in self.models:
-            model.start()
+            model.start(client)
             await self._subscribe(model, model.config.version)
             if self._is_latest(model.config):
                 await self._subscribe(model, None)
@@ -100,12 +99,9 @@ class Worker(AsyncResource):
         client = self._client
 
         async def enqueue(msg: Msg) -> None:
-            if not msg.reply:
-                return  # a publish, not a request: nobody would read the answer
-            # nats-py runs one subscription's callbacks in turn: hand off at once.
-            task = asyncio.create_task(model.handle(client, msg, record))
-            self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
+            # nats-py awaits one subscription's callbacks in turn: this only admits the request.
+            if msg.reply:  # a publish, not a request, has nobody to answer
+                await model.handle(msg, record)
 
         subscription = await client.subscribe(record.subject, queue=record.queue_group, cb=enqueue)
         self._subscriptions.append(subscription)
@@ -145,8 +141,8 @@ class Worker(AsyncResource):
             # Delivered messages are still handed to enqueue; nats-py leaves drain() untyped.
             await subscription.drain()  # type: ignore[no-untyped-call]
         self._subscriptions.clear()
-        if self._in_flight:
-            await asyncio.gather(*self._in_flight, return_exceptions=True)
+        for model in self.models:
+            await model.wait_idle()
         if self._service is not None:
             await self._service.stop()
         await client.flush()

@@ -1,0 +1,109 @@
+"""Processes and measuring loops shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+import inferbus
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextlib.contextmanager
+def process(*command: str, ready: str = "ready") -> Iterator[subprocess.Popen[str]]:
+    """A child process, started and waited for until it prints ``ready``; stopped after."""
+    child = subprocess.Popen(
+        [sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        for line in child.stdout:
+            if ready in line:
+                break
+        else:
+            raise RuntimeError(f"{command} exited before it was ready")
+        yield child
+    finally:
+        child.terminate()
+        child.wait(timeout=30)
+
+
+def worker(url: str, repo: Path, model: str) -> contextlib.AbstractContextManager[object]:
+    return process(
+        "-m", "inferbus", "--log-level", "WARNING", "worker", str(repo), "--model", model,
+        "--servers", url, ready="worker ready",
+    )  # fmt: skip
+
+
+def raw_responder(url: str, subject: str) -> contextlib.AbstractContextManager[object]:
+    return process(str(ROOT / "scripts/bench/raw_responder.py"), url, subject)
+
+
+Call = Callable[[], Awaitable[object]]
+
+
+async def latencies(call: Call, count: int, warmup: int = 200) -> np.ndarray:
+    """Sequential calls (concurrency 1): each one's latency in seconds."""
+    for _ in range(warmup):
+        await call()
+    out = np.empty(count)
+    for i in range(count):
+        started = time.perf_counter()
+        await call()
+        out[i] = time.perf_counter() - started
+    return out
+
+
+async def throughput(call: Call, concurrency: int, seconds: float, warmup: float = 0.5) -> float:
+    """Closed loop: ``concurrency`` callers for ``seconds``; completed calls per second."""
+    done = 0
+    counting = False
+    stop = False
+
+    async def caller() -> None:
+        nonlocal done
+        while not stop:
+            await call()
+            done += counting
+
+    tasks = [asyncio.create_task(caller()) for _ in range(concurrency)]
+    await asyncio.sleep(warmup)
+    counting = True
+    started = time.perf_counter()
+    await asyncio.sleep(seconds)
+    counted, elapsed = done, time.perf_counter() - started
+    stop = True
+    await asyncio.gather(*tasks)
+    return counted / elapsed
+
+
+async def wait_for_models(url: str, names: set[str], workers: int = 1) -> None:
+    async with inferbus.connect(url) as client:
+        for _ in range(300):
+            models = {m.name: len(m.workers) for m in await client.models(timeout=0.1)}
+            if all(models.get(name, 0) >= workers for name in names):
+                return
+    raise RuntimeError(f"models {names} not served by {workers} worker(s)")
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return (
+        f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}"
+    )
