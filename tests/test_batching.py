@@ -103,7 +103,7 @@ async def test_expired_budget_is_a_504_and_the_engine_never_runs(
     await busy
     assert reply.headers is not None
     assert reply.headers["Nats-Service-Error-Code"] == "504"
-    assert "engine skipped" in reply.headers["Nats-Service-Error"]
+    assert "engine was skipped" in reply.headers["Nats-Service-Error"]
     data = stats_of(worker, "slow")
     assert data["inference_count"] == 1  # only the busy request was computed
     assert data["errors_by_code"] == {"504": 1}

@@ -42,8 +42,16 @@ def numpy_dtype(datatype: str) -> np.dtype[np.generic] | None:
         raise BadInput(f"unknown datatype {datatype!r}; expected one of {known}") from None
 
 
+_BY_DTYPE: Final[dict[np.dtype[np.generic], str]] = {
+    dtype: name for name, dtype in _NUMERIC.items()
+}
+
+
 def datatype_of(array: np.ndarray) -> str:
     """The V2 datatype name for a numpy array (str, bytes and object arrays are BYTES)."""
+    name = _BY_DTYPE.get(array.dtype)  # the common case: a native little-endian dtype
+    if name is not None:
+        return name
     kind = array.dtype.kind
     if kind in "USO":
         return BYTES

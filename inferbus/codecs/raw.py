@@ -22,9 +22,8 @@ def encode(array: np.ndarray, datatype: str) -> bytes | memoryview:
     """The wire bytes of ``array``; a view of its memory when it is already contiguous LE."""
     if datatype == BYTES:
         return _encode_bytes(array)
-    dtype = numpy_dtype(datatype)
-    contiguous = np.ascontiguousarray(array, dtype=dtype)
-    return contiguous.reshape(-1).view(np.uint8).data
+    contiguous = np.ascontiguousarray(array, dtype=numpy_dtype(datatype))  # ndim >= 1
+    return contiguous.data.cast("B") if contiguous.size else b""
 
 
 def decode(data: memoryview, datatype: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -39,7 +38,7 @@ def decode(data: memoryview, datatype: str, shape: tuple[int, ...]) -> np.ndarra
             f"{datatype} tensor of shape {list(shape)} needs {count * dtype.itemsize} bytes, "
             f"got {len(data)}"
         )
-    array = np.frombuffer(data, dtype=dtype, count=count).reshape(shape)
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
     if datatype == "BOOL" and count and array.view(np.uint8).max() > 1:
         raise BadInput("BOOL tensor holds a byte other than 0 or 1")
     return array

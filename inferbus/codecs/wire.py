@@ -74,14 +74,19 @@ def encode_request(request: InferRequest) -> bytes:
 
 def decode_request(body: bytes) -> InferRequest:
     header, data = _unframe(body)
-    parameters = _optional_dict(header, "parameters")
-    timeout = parameters.get("timeout")
-    if timeout is not None and (type(timeout) is not int or timeout < 0):
-        raise BadInput("parameters.timeout must be a non-negative integer (microseconds)")
+    timeout = None
+    parameters = header.get("parameters")
+    if parameters is not None:
+        if type(parameters) is not dict:
+            raise BadInput("request.parameters must be an object")
+        timeout = parameters.get("timeout")
+        if timeout is not None and (type(timeout) is not int or timeout < 0):
+            raise BadInput("parameters.timeout must be a non-negative integer (microseconds)")
+    outputs = header.get("outputs")
     return InferRequest(
         id=_request_id(header),
         inputs=_read_tensors(header, "inputs", data),
-        outputs=_requested_outputs(header),
+        outputs=_requested_outputs(outputs) if outputs is not None else (),
         timeout_us=timeout,
     )
 
@@ -122,35 +127,34 @@ def decode_error(body: bytes) -> str:
 
 def _frame(header: dict[str, Any], key: str, tensors: Tensors) -> bytes:
     entries: list[dict[str, Any]] = []
-    buffers: list[bytes | memoryview] = []
+    buffers: list[bytes | memoryview] = [b"", b""]  # room for the prefix and the JSON
     for name, value in tensors.items():
-        array = np.asarray(value)
+        array = value if type(value) is np.ndarray else np.asarray(value)
         datatype = datatype_of(array)
         data = raw.encode(array, datatype)
+        size = len(data)
+        parameters = {"binary_data_size": size}
         entries.append(
-            {
-                "name": name,
-                "datatype": datatype,
-                "shape": list(array.shape),
-                "parameters": {"binary_data_size": len(data)},
-            }
+            {"name": name, "datatype": datatype, "shape": array.shape, "parameters": parameters}
         )
         buffers.append(data)
     header[key] = entries
     json = orjson.dumps(header)
-    return b"".join([_PREFIX.pack(len(json)), json, *buffers])
+    buffers[0] = _PREFIX.pack(len(json))
+    buffers[1] = json
+    return b"".join(buffers)
 
 
 def _unframe(body: bytes) -> tuple[dict[str, Any], memoryview]:
+    if len(body) < 4:
+        raise BadInput(f"body of {len(body)} bytes is shorter than its 4-byte length prefix")
+    length = int.from_bytes(body[:4], "little")
+    end = 4 + length
+    if end > len(body):
+        raise BadInput(f"JSON length {length} runs past the end of a {len(body)}-byte body")
     view = memoryview(body)
-    if len(view) < _PREFIX.size:
-        raise BadInput(f"body of {len(view)} bytes is shorter than its 4-byte length prefix")
-    (length,) = _PREFIX.unpack_from(view)
-    end = _PREFIX.size + length
-    if end > len(view):
-        raise BadInput(f"JSON length {length} runs past the end of a {len(view)}-byte body")
     try:
-        header = orjson.loads(view[_PREFIX.size : end])
+        header = orjson.loads(view[4:end])
     except orjson.JSONDecodeError as exc:
         raise BadInput(f"JSON header is not valid JSON: {exc}") from exc
     if not isinstance(header, dict):
@@ -231,11 +235,10 @@ def _request_id(header: dict[str, Any]) -> str:
     return value
 
 
-def _requested_outputs(header: dict[str, Any]) -> tuple[str, ...]:
-    entries = header.get("outputs", [])
-    if not isinstance(entries, list):
+def _requested_outputs(entries: object) -> tuple[str, ...]:
+    if type(entries) is not list:
         raise BadInput("outputs must be a list")
-    names = tuple(entry.get("name") if isinstance(entry, dict) else None for entry in entries)
-    if not all(isinstance(name, str) and name for name in names):
+    names = tuple(entry.get("name") if type(entry) is dict else None for entry in entries)
+    if not all(type(name) is str and name for name in names):
         raise BadInput("each requested output must be an object with a name")
     return names  # type: ignore[return-value]

@@ -50,6 +50,9 @@ class OnnxRuntimeEngine(Engine):
         # Instances share the cores instead of each claiming all of them.
         options.intra_op_num_threads = max(1, (os.cpu_count() or 1) // self.config.instances)
         options.inter_op_num_threads = 1
+        # Idle pool threads otherwise spin for a while after each run, taking the cores that
+        # the NATS I/O on this machine needs; measured: +200 µs per request on two cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         try:

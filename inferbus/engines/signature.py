@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -36,12 +36,17 @@ class TensorSpec:
         datatype = datatype_of(array)
         if datatype != self.datatype:
             raise BadInput(f"input {self.name!r} must be {self.datatype}, got {datatype}")
-        if len(array.shape) != len(self.shape) or any(
-            want not in (-1, got) for want, got in zip(self.shape, array.shape, strict=True)
-        ):
-            raise BadInput(
-                f"input {self.name!r} must have shape {_show(self.shape)}, got {list(array.shape)}"
-            )
+        shape = array.shape
+        if len(shape) != len(self.shape):
+            self._wrong_shape(shape)
+        for want, got in zip(self.shape, shape, strict=True):
+            if want != got and want != -1:
+                self._wrong_shape(shape)
+
+    def _wrong_shape(self, shape: tuple[int, ...]) -> NoReturn:
+        raise BadInput(
+            f"input {self.name!r} must have shape {_show(self.shape)}, got {list(shape)}"
+        )
 
     def example(self, batch: int = 1) -> np.ndarray:
         """A zero-filled tensor of this spec, its free dimensions set to ``batch``."""
@@ -77,8 +82,8 @@ class Signature:
     def check_inputs(self, tensors: Mapping[str, np.ndarray]) -> None:
         """Raise BadInput unless ``tensors`` holds exactly this signature's inputs."""
         expected = {spec.name for spec in self.inputs}
-        missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
-        if missing or unexpected:
+        if len(tensors) != len(expected) or not expected.issuperset(tensors):
+            missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
             raise BadInput(
                 f"inputs must be {sorted(expected)}; missing {sorted(missing)}, "
                 f"unexpected {sorted(unexpected)}"

@@ -130,6 +130,7 @@ class ServedModel:
             for i in range(len(self.engines))
         ]
         self._batched = _is_batched(self.engines[0])
+        self._direct = inline and len(self.engines) == 1 and not self.config.max_queue_delay_ms
         self._output_names = frozenset(spec.name for spec in self.signature.outputs)
         self._consumers: list[asyncio.Task[None]] = []
         self._nats: NatsClient | None = None
@@ -165,17 +166,30 @@ class ServedModel:
     # No task or future per request: the subscription callback admits a request to the queue,
     # and the consumer that computes its batch publishes its reply.
 
-    async def handle(self, msg: Msg, record: EndpointRecord) -> None:
-        """The subscription callback: admit the request, or answer its error at once."""
+    async def handle(self, msg: Msg, record: EndpointRecord, backlog: int = 0) -> None:
+        """The subscription callback: admit the request, or answer its error at once.
+
+        ``backlog`` is how many messages wait behind this one. With none, an empty queue and
+        an engine that runs inline, the request is computed right here: batching could only
+        add a task switch. Under load messages queue up and batches form.
+        """
         received_ns = time.perf_counter_ns()
         try:
             work = self._admit(msg, record, received_ns)
-            self.queue.submit(work, rows=work.rows, key=self._batch_key(work.request))
+            direct = self._direct and not backlog and not self.queue
+            if not direct:
+                self.queue.submit(work, rows=work.rows, key=self._batch_key(work.request))
         except Exception as exc:  # every request gets an answer, whatever went wrong
             await self._reply_error(msg.reply, record, received_ns, exc)
             return
         self._outstanding += 1
         self._idle.clear()
+        if direct:
+            self.stats.queued(0)
+            if _expired(work, time.monotonic()):
+                await self._reply(work, _expired_error())
+            else:
+                await self._reply(work, self._run_batch(self.engines[0], [work])[0])
 
     def _admit(self, msg: Msg, record: EndpointRecord, received_ns: int) -> _Work:
         if len(msg.data) > self.config.max_request_bytes:
@@ -272,9 +286,8 @@ class ServedModel:
         for item in batch:
             self.stats.queued(int((now - item.enqueued) * 1e9))
             work = item.payload
-            if work.deadline is not None and now > work.deadline:
-                expired = DeadlineExceeded("the time budget ran out in the queue; engine skipped")
-                await self._reply(work, expired)
+            if _expired(work, now):
+                await self._reply(work, _expired_error())
             else:
                 live.append(work)
         return live
@@ -341,6 +354,14 @@ def _call_engine(engine: Engine, inputs: Tensors) -> Tensors:
     except Exception as exc:  # a user's hook or a backend: the caller gets a 500, we a log
         log.exception("%s: engine failed", engine.config.name)
         raise EngineFailure(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _expired(work: _Work, now: float) -> bool:
+    return work.deadline is not None and now >= work.deadline
+
+
+def _expired_error() -> DeadlineExceeded:
+    return DeadlineExceeded("the time budget ran out in the queue; the engine was skipped")
 
 
 def _internal(exc: Exception, model: str) -> EngineFailure:

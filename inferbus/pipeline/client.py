@@ -73,6 +73,7 @@ class Client(AsyncResource):
         self.options = options
         self._nats: NatsClient | None = None
         self._described: dict[tuple[str, int | None], ModelInfo] = {}
+        self._subjects: dict[tuple[str, int | None], str] = {}
         self._slots = asyncio.Semaphore(max_in_flight)
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid()}-{id(self):x}-"
@@ -111,8 +112,8 @@ class Client(AsyncResource):
         """
         if timeout <= 0:
             raise BadInput("timeout must be positive")
-        subject = infer_subject(model, version)
-        named = await self._named(model, version, inputs)
+        subject = self._subjects.get((model, version)) or self._subject(model, version)
+        named = inputs if type(inputs) is dict else await self._named(model, version, inputs)
         request = InferRequest(
             id=f"{self._id_prefix}{next(self._ids)}",
             inputs=named,
@@ -226,6 +227,10 @@ class Client(AsyncResource):
         return [
             InferResult(part, result.model_name, result.model_version, result.id) for part in parts
         ]
+
+    def _subject(self, model: str, version: int | None) -> str:
+        subject = self._subjects[(model, version)] = infer_subject(model, version)
+        return subject
 
     async def describe(self, model: str, version: int | None = None) -> ModelInfo:
         """The signature and limits of a served model (asked once, then remembered)."""

@@ -98,10 +98,13 @@ class Worker(AsyncResource):
         )
         client = self._client
 
+        subscription: Subscription | None = None
+
         async def enqueue(msg: Msg) -> None:
             # nats-py awaits one subscription's callbacks in turn: this only admits the request.
             if msg.reply:  # a publish, not a request, has nobody to answer
-                await model.handle(msg, record)
+                backlog = subscription.pending_msgs if subscription is not None else 0
+                await model.handle(msg, record, backlog)
 
         subscription = await client.subscribe(record.subject, queue=record.queue_group, cb=enqueue)
         self._subscriptions.append(subscription)
