@@ -73,6 +73,11 @@ class EmbeddedServer:
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self._process.pid if self._process is not None else None
+
     def config_text(self) -> str:
         lines = [
             f'listen: "{self.host}:{self.port}"',

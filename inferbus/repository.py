@@ -61,6 +61,11 @@ class ModelConfig:
         _require(
             self.execution in EXECUTION_MODES, self, f"execution must be one of {EXECUTION_MODES}"
         )
+        _require(
+            self.execution != "inline" or self.instances == 1,
+            self,
+            'execution = "inline" runs on the event loop, so it takes instances = 1',
+        )
 
     @property
     def path(self) -> Path:

@@ -11,6 +11,7 @@ in-process, or the ideal throughput of a simulated GPU.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -34,6 +35,13 @@ from scripts.bench.sim_gpu_engine import BATCH_SECONDS
 
 ROOT = harness.ROOT
 SIM_MAX_BATCH = 32
+# CPU µs per request of each process, by path: where the throughput goes on a shared machine.
+CPU_SPLITS: dict[str, dict[str, float]] = {}
+SERVER_PIDS: dict[str, int] = {}
+
+
+def inferbus_server_pid(url: str) -> int:
+    return SERVER_PIDS[url]
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +88,10 @@ async def overhead_and_throughput(url: str, repo: Path) -> list[Figure]:
     x = np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)  # 1 KiB
     body = encode_request(InferRequest("1", {"x": x}, timeout_us=10_000_000))
     figures = []
-    with harness.raw_responder(url, "raw.echo"), harness.worker(url, repo, "identity"):
+    with (
+        harness.raw_responder(url, "raw.echo") as responder,
+        harness.worker(url, repo, "identity") as worker,
+    ):
         await harness.wait_for_models(url, {"identity"})
         async with inferbus.connect(url) as client:
             raw = client.nats
@@ -91,22 +102,25 @@ async def overhead_and_throughput(url: str, repo: Path) -> list[Figure]:
             async def ours() -> object:
                 return await client.infer("identity", {"x": x})
 
-            raw_p50 = float(np.median(await harness.latencies(raw_call, 3000)))
-            our_p50 = float(np.median(await harness.latencies(ours, 3000)))
+            raw_p50, our_p50 = await harness.paired_p50(raw_call, ours)
             ratio = our_p50 / raw_p50
             figures.append(Figure(
                 "overhead: p50 latency, 1 KiB identity, concurrency 1",
                 f"{our_p50 * 1e3:.3f} ms", f"{raw_p50 * 1e3:.3f} ms raw nats-py",
                 ratio, "<= 1.3x", ratio <= 1.3,
             ))  # fmt: skip
-            raw_rps = await harness.throughput(raw_call, 64, 3.0)
-            our_rps = await harness.throughput(ours, 64, 3.0)
+            raw_rps, our_rps = await harness.paired_throughput(raw_call, ours, 64)
             ratio = our_rps / raw_rps
             figures.append(Figure(
                 "small requests: throughput at concurrency 64",
                 f"{our_rps:,.0f} req/s", f"{raw_rps:,.0f} req/s raw nats-py",
                 ratio, ">= 0.75x", ratio >= 0.75,
             ))  # fmt: skip
+            server = inferbus_server_pid(url)
+            for label, call, pid in (("raw nats-py", raw_call, responder.pid),
+                                     ("inferbus", ours, worker.pid)):  # fmt: skip
+                pids = {"responder": pid, "client": os.getpid(), "server": server}
+                CPU_SPLITS[label] = await harness.cpu_per_call(call, pids, 12_800, 64)
     return figures
 
 
@@ -125,20 +139,37 @@ async def bulk(url: str, repo: Path) -> list[Figure]:
     with np.load(ROOT / "examples/data/digits_heldout.npz") as data:
         pixels = data["images"].reshape(-1, 64).astype(np.float32) / 16.0
     baseline = in_process_samples_per_s(repo, pixels, 64, 3.0)
-    items = [{"pixels": pixels[i : i + 1]} for i in range(len(pixels))] * 60
+    images = np.tile(pixels, (60, 1))  # 21,600 images, one item each
     with harness.worker(url, repo, "digits"):
         await harness.wait_for_models(url, {"digits"})
         async with inferbus.connect(url) as client:
-            _ = [r async for r in client.map("digits", items[:2000], pack=64, progress=False)]
+            _ = [r async for r in client.map("digits", images[:2000], pack=64, progress=False)]
             started = time.perf_counter()
-            results = [r async for r in client.map("digits", items, pack=64, concurrency=8)]
+            results = [r async for r in client.map("digits", images, pack=64, concurrency=8)]
             ours = len(results) / (time.perf_counter() - started)
+            floor = await raw_floor(url, client, pixels[:64], concurrency=8)
     ratio = ours / baseline
     return [Figure(
-        "bulk: map over digits, 64 samples packed per request",
-        f"{ours:,.0f} samples/s", f"{baseline:,.0f} samples/s in-process ONNX, batch 64",
+        "bulk: map over 21,600 digit images, 64 packed per request",
+        f"{ours:,.0f} samples/s",
+        f"{baseline:,.0f} samples/s in-process ONNX, batch 64 (raw nats-py moving the same "
+        f"bytes, no compute: {floor:,.0f} samples/s)",
         ratio, ">= 0.5x", ratio >= 0.5,
     )]  # fmt: skip
+
+
+async def raw_floor(
+    url: str, client: inferbus.Client, batch: np.ndarray, concurrency: int
+) -> float:
+    """Samples/s that bare request/reply reaches carrying the bulk benchmark's bytes."""
+    request = encode_request(InferRequest("1", {"pixels": batch}))
+    reply = encode_request(InferRequest("1", {"logits": np.zeros((len(batch), 10), np.float32)}))
+    with harness.raw_responder(url, "raw.bulk", reply_bytes=len(reply)):
+
+        async def call() -> object:
+            return await client.nats.request("raw.bulk", request, timeout=10)
+
+        return len(batch) * await harness.throughput(call, concurrency, 3.0)
 
 
 async def sim_rate(url: str, rows: int, concurrency: int) -> float:
@@ -202,13 +233,63 @@ def markdown(figures: list[Figure]) -> str:
         lines.append(
             f"| {f.name} | {f.measured} | {f.baseline} | {f.ratio:.2f}x | {f.target} | {met} |"
         )
+    lines += cpu_table() + VERDICT
     return "\n".join(lines) + "\n"
+
+
+# The verdict of profiling the misses (py-spy on the worker, cProfile on both ends, and the CPU
+# table above); kept here so each rewrite of BENCHMARKS.md carries it.
+VERDICT = """
+## Verdict on the targets missed
+
+- **Small-request throughput and overhead.** The CPU table says it: a bare nats-py responder
+  spends ~20-25 µs per request, the inferbus worker ~90 µs, and the inferbus client ~70 µs more
+  than a bare nats-py client. Profiles (py-spy, cProfile) show no single hot spot left: the
+  time is spread over decoding and validating the V2 JSON header (orjson itself is ~2 µs),
+  the signature check, encoding the reply, and nats-py's own per-message path, each a few µs
+  of interpreted Python. What was ours and large is fixed: a task and a future per request
+  (now the batch consumer replies directly), a thread hop for fast engines (now run inline when
+  a full batch takes < 200 µs), queueing when the worker is idle (now computed in the
+  subscription callback), and onnxruntime's pool threads spinning on two shared cores.
+  Batching already amortises the engine call (mean batch ≈ 20 at concurrency 64). The rest is
+  the price of a typed, validated protocol in Python on a machine where client, worker and
+  server share two cores; closing it needs a compiled codec or worker, not more tuning.
+- **Bulk map.** The in-process MLP costs ~1 µs per sample. Bare nats-py request/reply moving
+  the same bytes (no compute at all) reaches only about a third of that rate here, so 0.5x is
+  out of reach on this machine whatever inferbus does; inferbus itself then costs ~5-10 µs
+  per sample on the client (one result object per item, slicing, the async iterator). Arrays
+  are now sliced into items without copies instead of concatenated per request.
+""".splitlines()
+
+
+def cpu_table() -> list[str]:
+    if not CPU_SPLITS:
+        return []
+    lines = [
+        "",
+        "## Where the time goes",
+        "",
+        "CPU microseconds each process spends per request at concurrency 64 (from /proc, same",
+        "run). The three processes share two cores, so CPU per request is what bounds throughput.",
+        "",
+        "| path | responder / worker | client | nats-server | total |",
+        "|---|---|---|---|---|",
+    ]
+    for label, split in CPU_SPLITS.items():
+        total = sum(split.values())
+        lines.append(
+            f"| {label} | {split['responder']:.0f} | {split['client']:.0f} | "
+            f"{split['server']:.0f} | {total:.0f} |"
+        )
+    return lines
 
 
 async def run(only: list[str]) -> list[Figure]:
     figures: list[Figure] = []
     with tempfile.TemporaryDirectory() as folder, inferbus.EmbeddedServer() as server:
         repo = build_repository(Path(folder))
+        assert server.pid is not None
+        SERVER_PIDS[server.url] = server.pid
         for name in only:
             print(f"running {name} ...", flush=True)
             for figure in await BENCHMARKS[name](server.url, repo):

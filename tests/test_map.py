@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import inferbus
-from inferbus.pipeline._mapping import pack, unpack
+from inferbus.pipeline._mapping import pack_items, slices, unpack
 
 
 def items(n: int) -> list[dict[str, np.ndarray]]:
@@ -15,11 +15,11 @@ def items(n: int) -> list[dict[str, np.ndarray]]:
 
 def test_pack_groups_compatible_items_within_limits() -> None:
     mixed = [*items(5), {"x": np.zeros((3, 2), dtype=np.float32)}, *items(2)]
-    chunks = list(pack(mixed, samples=2, max_rows=8))
+    chunks = list(pack_items(mixed, 2, 8))
     assert [c.first for c in chunks] == [0, 2, 4, 5, 6]
     assert [c.rows for c in chunks] == [(1, 1), (1, 1), (1,), (3,), (1, 1)]
     np.testing.assert_array_equal(chunks[0].inputs["x"][:, 0], [0, 1])
-    capped = list(pack(items(5), samples=10, max_rows=2))
+    capped = list(pack_items(items(5), 10, 2))
     assert [c.rows for c in capped] == [(1, 1), (1, 1), (1,)]
 
 
@@ -81,3 +81,22 @@ async def test_map_refuses_bad_settings_and_unknown_models(client: inferbus.Clie
         _ = [r async for r in client.map("add", items(2), concurrency=0)]
     with pytest.raises(inferbus.ModelNotFound):
         _ = [r async for r in client.map("nope", items(2), pack=2)]
+
+
+@pytest.mark.usefixtures("worker")
+async def test_map_splits_an_array_into_one_row_items(client: inferbus.Client) -> None:
+    rows = np.arange(40, dtype=np.float32).reshape(10, 4)
+    results = [r async for r in client.map("add", rows, version=1, pack=4)]
+    assert len(results) == 10
+    for i, result in enumerate(results):
+        np.testing.assert_array_equal(result["y"], rows[i : i + 1] + 1)
+    named = [r async for r in client.map("add", {"x": rows}, version=2, pack=3)]
+    assert [int(r["y"][0, 0]) for r in named] == [4 * i + 2 for i in range(10)]
+
+
+def test_slices_are_views_of_one_row_items() -> None:
+    rows = np.arange(10, dtype=np.float32).reshape(5, 2)
+    chunks = list(slices({"x": rows}, 2))
+    assert [c.rows for c in chunks] == [(1, 1), (1, 1), (1,)]
+    assert [c.first for c in chunks] == [0, 2, 4]
+    assert np.shares_memory(chunks[0].inputs["x"], rows)

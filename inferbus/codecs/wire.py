@@ -221,13 +221,6 @@ def _shape(shape: object, key: str, index: int, name: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _optional_dict(holder: dict[str, Any], key: str, where: str = "request") -> dict[str, Any]:
-    value = holder.get(key, {})
-    if not isinstance(value, dict):
-        raise BadInput(f"{where}.{key} must be an object")
-    return value
-
-
 def _request_id(header: dict[str, Any]) -> str:
     value = header.get("id", "")
     if not isinstance(value, str):

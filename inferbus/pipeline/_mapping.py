@@ -37,7 +37,7 @@ def _rows(item: Named) -> int:
     return sizes.pop()
 
 
-def pack(items: Iterable[Named], *, samples: int, max_rows: int) -> Iterator[Chunk]:
+def pack_items(items: Iterable[Named], samples: int, max_rows: int) -> Iterator[Chunk]:
     """Group consecutive compatible items, at most ``samples`` items and ``max_rows`` rows each."""
     group: list[Named] = []
     rows: list[int] = []
@@ -52,6 +52,15 @@ def pack(items: Iterable[Named], *, samples: int, max_rows: int) -> Iterator[Chu
         rows.append(count)
     if group:
         yield _chunk(first, group, rows)
+
+
+def slices(inputs: Named, rows: int) -> Iterator[Chunk]:
+    """Cut arrays whose first axis enumerates items into chunks of ``rows`` items (views)."""
+    total = _rows(inputs)
+    for start in range(0, total, rows):
+        stop = min(start + rows, total)
+        part = {name: array[start:stop] for name, array in inputs.items()}
+        yield Chunk(start, part, (1,) * (stop - start))
 
 
 def _chunk(first: int, group: list[Named], rows: list[int]) -> Chunk:

@@ -36,7 +36,6 @@ from inferbus.errors import (
     EngineFailure,
     PayloadTooLarge,
     RequestError,
-    Unavailable,
 )
 from inferbus.pipeline._mapping import unpack
 from inferbus.pipeline._service import EndpointRecord
@@ -186,10 +185,9 @@ class ServedModel:
         self._idle.clear()
         if direct:
             self.stats.queued(0)
-            if _expired(work, time.monotonic()):
-                await self._reply(work, _expired_error())
-            else:
-                await self._reply(work, self._run_batch(self.engines[0], [work])[0])
+            expired = _expired(work, time.monotonic())
+            outcome = _expired_error() if expired else self._run_batch(self.engines[0], [work])[0]
+            await self._reply(work, outcome)
 
     def _admit(self, msg: Msg, record: EndpointRecord, received_ns: int) -> _Work:
         if len(msg.data) > self.config.max_request_bytes:
@@ -261,7 +259,8 @@ class ServedModel:
         """Requests batch together when everything but their first dimension matches."""
         if not self._batched:
             return object()  # unbatched models run each request alone
-        return tuple((n, a.shape[1:]) for n, a in request.inputs.items()), request.outputs
+        shapes = sorted((name, array.shape[1:]) for name, array in request.inputs.items())
+        return tuple(shapes), request.outputs
 
     async def _consume(self, engine: Engine, executor: ThreadPoolExecutor | None) -> None:
         while True:
@@ -298,9 +297,11 @@ class ServedModel:
         """Run a batch; if it fails, run its requests one by one so only the bad one fails."""
         try:
             per_request = self._infer(engine, works)
-        except RequestError as exc:
+        except Exception as exc:  # a RequestError, or a bug in an engine's hooks
             if len(works) == 1:
-                return [exc]
+                return [
+                    exc if isinstance(exc, RequestError) else _internal(exc, engine.config.name)
+                ]
             return [self._run_batch(engine, [work])[0] for work in works]
         return [
             self._encode(work, outputs) for work, outputs in zip(works, per_request, strict=True)
@@ -314,14 +315,15 @@ class ServedModel:
             inputs = {n: np.concatenate([w.request.inputs[n] for w in works]) for n in names}
         started = time.perf_counter_ns()
         outputs = _call_engine(engine, inputs)
-        rows = sum(work.rows for work in works)
-        self.stats.executed(len(works), rows, time.perf_counter_ns() - started)
+        elapsed = time.perf_counter_ns() - started
         missing = self._output_names - outputs.keys()
         if missing:
             raise EngineFailure(f"the engine did not return outputs {sorted(missing)}")
-        if len(works) == 1:
-            return [outputs]
-        return unpack(outputs, [work.rows for work in works])
+        rows = [work.rows for work in works]
+        per_request = [outputs] if len(works) == 1 else unpack(outputs, rows)
+        # Counted only once the outputs are usable: a failed batch is retried one by one.
+        self.stats.executed(len(works), sum(rows), elapsed)
+        return per_request
 
     def _encode(self, work: _Work, outputs: Tensors) -> Outcome:
         if work.request.outputs:
@@ -337,8 +339,9 @@ class ServedModel:
         for consumer in self._consumers:
             consumer.cancel()
         await asyncio.gather(*self._consumers, return_exceptions=True)
-        for item in self.queue.take_all():
-            await self._reply(item.payload, Unavailable("the worker is shutting down"))
+        left = self.queue.take_all()  # empty after a drain; not empty only if start failed
+        if left:
+            log.warning("%s: %d queued requests dropped at close", self.config.name, len(left))
         for executor in self.executors:
             if executor is not None:
                 executor.shutdown(wait=True)
@@ -361,7 +364,7 @@ def _expired(work: _Work, now: float) -> bool:
 
 
 def _expired_error() -> DeadlineExceeded:
-    return DeadlineExceeded("the time budget ran out in the queue; the engine was skipped")
+    return DeadlineExceeded("the time budget ran out before compute; the engine was skipped")
 
 
 def _internal(exc: Exception, model: str) -> EngineFailure:

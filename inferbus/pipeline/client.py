@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import os
 import sys
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from inferbus.errors import (
 )
 from inferbus.pipeline._connection import ConnectOptions, connect_nats, split_servers
 from inferbus.pipeline._lifecycle import AsyncResource
-from inferbus.pipeline._mapping import Chunk, pack, unpack
+from inferbus.pipeline._mapping import Chunk, pack_items, slices, unpack
 from inferbus.pipeline.discovery import ModelInfo, models_from_infos, serves, service_infos
 from inferbus.pipeline.subjects import ERROR_CODE_HEADER, infer_subject
 
@@ -112,23 +113,28 @@ class Client(AsyncResource):
         """
         if timeout <= 0:
             raise BadInput("timeout must be positive")
+        deadline = time.monotonic() + timeout
         subject = self._subjects.get((model, version)) or self._subject(model, version)
         named = inputs if type(inputs) is dict else await self._named(model, version, inputs)
-        request = InferRequest(
-            id=f"{self._id_prefix}{next(self._ids)}",
-            inputs=named,
-            outputs=tuple(outputs),
-            timeout_us=int(timeout * 1e6),
-        )
-        body = encode_request(request)
-        if len(body) > self.nats.max_payload:
-            raise PayloadTooLarge(
-                f"request of {len(body)} bytes exceeds the NATS server's max_payload "
-                f"{self.nats.max_payload}",
-                model=model,
-            )
         async with self._slots:
-            reply = await self._request(subject, body, timeout, model)
+            # The budget is the caller's: time spent waiting for a slot comes out of it.
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"no request slot free within {timeout:g}s", model=model)
+            request = InferRequest(
+                id=f"{self._id_prefix}{next(self._ids)}",
+                inputs=named,
+                outputs=tuple(outputs),
+                timeout_us=int(remaining * 1e6),
+            )
+            body = encode_request(request)
+            if len(body) > self.nats.max_payload:
+                raise PayloadTooLarge(
+                    f"request of {len(body)} bytes exceeds the NATS server's max_payload "
+                    f"{self.nats.max_payload}",
+                    model=model,
+                )
+            reply = await self._request(subject, body, remaining, model)
         return _result(reply, model)
 
     async def _request(self, subject: str, body: bytes, timeout: float, model: str) -> Msg:
@@ -145,7 +151,7 @@ class Client(AsyncResource):
     def map(
         self,
         model: str,
-        items: Iterable[Inputs],
+        items: Iterable[Inputs] | Mapping[str, np.ndarray],
         *,
         version: int | None = ...,
         timeout: float = ...,
@@ -160,7 +166,7 @@ class Client(AsyncResource):
     def map(
         self,
         model: str,
-        items: Iterable[Inputs],
+        items: Iterable[Inputs] | Mapping[str, np.ndarray],
         *,
         version: int | None = ...,
         timeout: float = ...,
@@ -174,7 +180,7 @@ class Client(AsyncResource):
     async def map(
         self,
         model: str,
-        items: Iterable[Inputs],
+        items: Iterable[Inputs] | Mapping[str, np.ndarray],
         *,
         version: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
@@ -196,11 +202,18 @@ class Client(AsyncResource):
             raise BadInput("concurrency and pack must be >= 1")
         info = await self.describe(model, version) if pack > 1 else None
         max_rows = info.max_batch_size if info else 1
-        named = (await self._named(model, version, item) for item in items)
+        chunks: Iterator[Chunk]
+        if isinstance(items, np.ndarray | Mapping):
+            # One array (or named arrays) holding all items along the first axis: sliced.
+            named = await self._named(model, version, items)
+            chunks = slices(named, min(pack, max_rows))
+            total = len(next(iter(named.values()))) if total is None else total
+        else:
+            chunks = pack_items(await self._named_items(model, version, items), pack, max_rows)
         bar = _progress_bar(progress, total if total is not None else _length(items), model)
         window: deque[asyncio.Task[list[InferResult | RequestError]]] = deque()
         try:
-            async for chunk in _apack(named, samples=pack, max_rows=max_rows):
+            for chunk in chunks:
                 window.append(
                     asyncio.create_task(self._infer_chunk(model, chunk, version, timeout))
                 )
@@ -247,6 +260,19 @@ class Client(AsyncResource):
                 )
             self._described[key] = found[-1]
         return self._described[key]
+
+    async def _named_items(
+        self, model: str, version: int | None, items: Iterable[Inputs]
+    ) -> Iterator[Mapping[str, np.ndarray]]:
+        """Items as named arrays, lazily; the input name is looked up once if needed."""
+        iterator = iter(items)
+        first = next(iterator, None)
+        if first is None:
+            return iter(())
+        if isinstance(first, Mapping):
+            return itertools.chain([first], iterator)  # type: ignore[arg-type]
+        (name,) = (await self._named(model, version, first)).keys()
+        return ({name: np.asarray(item)} for item in itertools.chain([first], iterator))
 
     async def _named(
         self, model: str, version: int | None, inputs: Inputs
@@ -303,21 +329,6 @@ def connect(
     if creds is not None:
         settings["creds"] = creds
     return Client(ConnectOptions(**settings), max_in_flight=max_in_flight)
-
-
-async def _apack(
-    items: AsyncIterator[Mapping[str, np.ndarray]], *, samples: int, max_rows: int
-) -> AsyncIterator[Chunk]:
-    """``pack`` over an async source, kept lazy so huge inputs are never all in memory."""
-    group: list[Mapping[str, np.ndarray]] = []
-    async for item in items:
-        group.append(item)
-        if len(group) == samples:
-            for chunk in pack(group, samples=samples, max_rows=max_rows):
-                yield chunk
-            group = []
-    for chunk in pack(group, samples=samples, max_rows=max_rows):
-        yield chunk
 
 
 async def _next_results(

@@ -38,15 +38,21 @@ def process(*command: str, ready: str = "ready") -> Iterator[subprocess.Popen[st
         child.wait(timeout=30)
 
 
-def worker(url: str, repo: Path, model: str) -> contextlib.AbstractContextManager[object]:
+def worker(
+    url: str, repo: Path, model: str
+) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
     return process(
         "-m", "inferbus", "--log-level", "WARNING", "worker", str(repo), "--model", model,
         "--servers", url, ready="worker ready",
     )  # fmt: skip
 
 
-def raw_responder(url: str, subject: str) -> contextlib.AbstractContextManager[object]:
-    return process(str(ROOT / "scripts/bench/raw_responder.py"), url, subject)
+def raw_responder(
+    url: str, subject: str, reply_bytes: int | None = None
+) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
+    """Echoes each request, or answers ``reply_bytes`` zero bytes when given."""
+    size = [] if reply_bytes is None else [str(reply_bytes)]
+    return process(str(ROOT / "scripts/bench/raw_responder.py"), url, subject, *size)
 
 
 Call = Callable[[], Awaitable[object]]
@@ -62,6 +68,29 @@ async def latencies(call: Call, count: int, warmup: int = 200) -> np.ndarray:
         await call()
         out[i] = time.perf_counter() - started
     return out
+
+
+async def paired_p50(
+    first: Call, second: Call, rounds: int = 10, per_round: int = 300
+) -> tuple[float, float]:
+    """Median latencies of two calls measured in alternating rounds, so drift hits both."""
+    a: list[np.ndarray] = []
+    b: list[np.ndarray] = []
+    for _ in range(rounds):
+        a.append(await latencies(first, per_round, warmup=20))
+        b.append(await latencies(second, per_round, warmup=20))
+    return float(np.median(np.concatenate(a))), float(np.median(np.concatenate(b)))
+
+
+async def paired_throughput(
+    first: Call, second: Call, concurrency: int, rounds: int = 3, seconds: float = 1.5
+) -> tuple[float, float]:
+    """Mean throughput of two calls measured in alternating rounds."""
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(await throughput(first, concurrency, seconds))
+        b.append(await throughput(second, concurrency, seconds))
+    return sum(a) / rounds, sum(b) / rounds
 
 
 async def throughput(call: Call, concurrency: int, seconds: float, warmup: float = 0.5) -> float:
@@ -94,6 +123,28 @@ async def wait_for_models(url: str, names: set[str], workers: int = 1) -> None:
             if all(models.get(name, 0) >= workers for name in names):
                 return
     raise RuntimeError(f"models {names} not served by {workers} worker(s)")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def cpu_per_call(
+    call: Call, pids: dict[str, int], calls: int, concurrency: int
+) -> dict[str, float]:
+    """CPU microseconds each process spends per call, over ``calls`` calls at ``concurrency``."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    per_caller = calls // concurrency
+
+    async def caller() -> None:
+        for _ in range(per_caller):
+            await call()
+
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    done = per_caller * concurrency
+    return {name: (cpu_seconds(pid) - before[name]) / done * 1e6 for name, pid in pids.items()}
 
 
 def machine() -> str:

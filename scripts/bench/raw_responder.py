@@ -13,11 +13,12 @@ import nats
 from nats.aio.msg import Msg
 
 
-async def serve(url: str, subject: str) -> None:
+async def serve(url: str, subject: str, reply_bytes: int | None) -> None:
     client = await nats.connect(url, pending_size=64 * 1024 * 1024)
+    fixed = None if reply_bytes is None else bytes(reply_bytes)
 
     async def echo(msg: Msg) -> None:
-        await client.publish(msg.reply, msg.data)
+        await client.publish(msg.reply, msg.data if fixed is None else fixed)
 
     await client.subscribe(subject, queue=subject, cb=echo)
     await client.flush()
@@ -31,4 +32,5 @@ async def serve(url: str, subject: str) -> None:
 if __name__ == "__main__":
     import uvloop
 
-    uvloop.run(serve(sys.argv[1], sys.argv[2]))
+    size = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    uvloop.run(serve(sys.argv[1], sys.argv[2], size))
