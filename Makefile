@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test check format models clean
+.PHONY: demo test check format models bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ models: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[dev,train]'
 	$(BIN)/python scripts/train_digits.py
 	$(BIN)/python scripts/make_test_models.py
+
+## bench: measure against raw nats-py and the in-process engine; rewrites BENCHMARKS.md
+bench: $(STAMP)
+	$(BIN)/python -m scripts.benchmarks
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
