@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import ssl
 from dataclasses import dataclass, field
 from typing import Final
 
-import nats
 from nats.aio.client import Client as NatsClient
 
 from inferbus.errors import ConnectionFailed
@@ -47,7 +47,7 @@ class ConnectOptions:
     tls_ca: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
-    connect_timeout: float = 2.0
+    connect_timeout: int = 2  # seconds; nats-py takes whole seconds
 
     def tls_context(self) -> ssl.SSLContext | None:
         if not (self.tls_ca or self.tls_cert):
@@ -71,25 +71,45 @@ async def _log_reconnect() -> None:
 
 
 async def connect_nats(options: ConnectOptions) -> NatsClient:
-    """A connected client; ``ConnectionFailed`` when no server answers."""
-    try:
-        client = await nats.connect(
-            servers=options.servers,
-            name=options.name,
-            user_credentials=options.creds,
-            tls=options.tls_context(),
-            connect_timeout=options.connect_timeout,
-            allow_reconnect=True,
-            # Give up quickly on the first connect; reconnect forever once connected (below).
-            max_reconnect_attempts=INITIAL_ATTEMPTS,
-            reconnect_time_wait=0.5,
-            pending_size=PENDING_SIZE,
-            error_cb=_log_error,
-            disconnected_cb=_log_disconnect,
-            reconnected_cb=_log_reconnect,
-        )
-    except Exception as exc:  # nats-py raises OSError, TimeoutError or its own NoServersError
-        raise ConnectionFailed(f"cannot reach NATS at {', '.join(options.servers)}: {exc}") from exc
+    """A connected client; ``ConnectionFailed`` when no server answers in time."""
+    client = NatsClient()
+    errors: list[Exception] = []
+    hopeless = asyncio.Event()  # a certificate that does not verify will not verify next time
+
+    async def remember(exc: Exception) -> None:
+        errors.append(exc)
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            hopeless.set()
+        await _log_error(exc)
+
+    attempt = client.connect(
+        servers=options.servers,
+        name=options.name,
+        user_credentials=options.creds,
+        tls=options.tls_context(),
+        connect_timeout=options.connect_timeout,
+        allow_reconnect=True,
+        # Give up quickly on the first connect; reconnect forever once connected (below).
+        max_reconnect_attempts=INITIAL_ATTEMPTS,
+        reconnect_time_wait=0.5,  # type: ignore[arg-type]  # annotated int; any float works
+        pending_size=PENDING_SIZE,
+        error_cb=remember,
+        disconnected_cb=_log_disconnect,
+        reconnected_cb=_log_reconnect,
+    )
+    # nats-py can hang after a failed TLS handshake instead of trying the next server.
+    limit = (options.connect_timeout + 0.5) * (INITIAL_ATTEMPTS + 1) * len(options.servers)
+    connecting = asyncio.ensure_future(attempt)
+    giving_up = asyncio.ensure_future(hopeless.wait())
+    await asyncio.wait({connecting, giving_up}, timeout=limit, return_when="FIRST_COMPLETED")
+    giving_up.cancel()
+    if not connecting.done() or connecting.exception() is not None:
+        connecting.cancel()
+        await asyncio.gather(connecting, return_exceptions=True)
+        await client.close()
+        cause = errors[-1] if errors else "no answer in time"
+        servers = ", ".join(options.servers)
+        raise ConnectionFailed(f"cannot reach NATS at {servers}: {cause}")
     # nats-py reads this option on every reconnect: a live process never gives up on its cluster.
     client.options["max_reconnect_attempts"] = -1
     return client
