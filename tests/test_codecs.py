@@ -621,7 +621,7 @@ def test_malformed_response_raises_bad_input(body: bytes) -> None:
         (frame({"inputs": [entry(), entry()]}, FP32_PAIR * 2), "appears twice"),
         (frame({"inputs": [entry(data=[1])]}, FP32_PAIR), "JSON tensor data"),
         (
-            frame({"inputs": [entry(parameters={"binary_data_size": 8, "codec": "lz4"})]}),
+            frame({"inputs": [entry(parameters={"binary_data_size": 8, "codec": "brotli"})]}),
             "unknown codec",
         ),
         (frame({"inputs": [entry(shape=[2**40, 2**40])]}, FP32_PAIR), "absurdly large"),

@@ -12,6 +12,7 @@ import struct
 import numpy as np
 
 from inferbus.codecs._datatypes import BYTES, numpy_dtype
+from inferbus.codecs.base import register
 from inferbus.errors import BadInput
 
 NAME = "raw"
@@ -81,3 +82,23 @@ def _decode_bytes(data: memoryview, count: int) -> np.ndarray:
     if offset != len(data):
         raise BadInput(f"BYTES tensor has {len(data) - offset} bytes left over")
     return out
+
+
+class Raw:
+    """The default codec as a ``Codec`` object, for code that handles codecs uniformly."""
+
+    name = NAME
+
+    def check(self, datatype: str, shape: tuple[int, ...]) -> None:
+        """Every datatype travels raw."""
+
+    def encode(self, array: np.ndarray, datatype: str) -> bytes | memoryview:
+        return encode(array, datatype)
+
+    def decode(
+        self, data: memoryview, datatype: str, shape: tuple[int, ...], limit: int
+    ) -> np.ndarray:
+        return decode(data, datatype, shape)
+
+
+RAW_CODEC = register(Raw())

@@ -18,13 +18,16 @@ from typing import Any, Final, NamedTuple
 import numpy as np
 import orjson
 
-from inferbus.codecs import raw
+from inferbus.codecs import compress, fp16, jpeg, raw  # noqa: F401  (each registers its codec)
 from inferbus.codecs._datatypes import DATATYPES, datatype_of
+from inferbus.codecs.base import RAW, Choices, Codec, codec_for, get_codec
 from inferbus.errors import BadInput
 
 _PREFIX: Final = struct.Struct("<I")
 MAX_RANK: Final = 32
 MAX_ELEMENTS: Final = 2**48  # far past any body NATS can carry
+# What a decoder may allocate unless told otherwise: workers pass their model's limit.
+DEFAULT_DECODE_LIMIT: Final = 1 << 30
 
 Tensors = Mapping[str, np.ndarray]
 
@@ -37,6 +40,7 @@ class InferRequest:
     inputs: Tensors
     outputs: tuple[str, ...] = ()
     timeout_us: int | None = None
+    reply_codec: str | None = None  # the codec the caller wants the outputs in
 
     def __post_init__(self) -> None:
         if self.timeout_us is not None and self.timeout_us < 0:
@@ -58,23 +62,31 @@ class _TensorEntry(NamedTuple):
     datatype: str
     shape: tuple[int, ...]
     size: int
+    codec: Codec | None  # None: raw
 
 
 _NO_PARAMETERS: Final[dict[str, Any]] = {}
 
 
-def encode_request(request: InferRequest) -> bytes:
+def encode_request(request: InferRequest, codecs: Choices = None) -> bytes:
+    """The request body; ``codecs`` picks each input's codec (one for all, or by name)."""
     header: dict[str, Any] = {"id": request.id}
+    parameters: dict[str, Any] = {}
     if request.timeout_us is not None:
-        header["parameters"] = {"timeout": request.timeout_us}
+        parameters["timeout"] = request.timeout_us
+    if request.reply_codec is not None:
+        parameters["reply_codec"] = get_codec(request.reply_codec).name
+    if parameters:
+        header["parameters"] = parameters
     if request.outputs:
         header["outputs"] = [{"name": name} for name in request.outputs]
-    return _frame(header, "inputs", request.inputs)
+    return _frame(header, "inputs", request.inputs, codecs)
 
 
-def decode_request(body: bytes) -> InferRequest:
+def decode_request(body: bytes, limit: int = DEFAULT_DECODE_LIMIT) -> InferRequest:
+    """The request in ``body``; decoding allocates at most ``limit`` bytes (else 413)."""
     header, data = _unframe(body)
-    timeout = None
+    timeout = reply_codec = None
     parameters = header.get("parameters")
     if parameters is not None:
         if type(parameters) is not dict:
@@ -82,31 +94,37 @@ def decode_request(body: bytes) -> InferRequest:
         timeout = parameters.get("timeout")
         if timeout is not None and (type(timeout) is not int or timeout < 0):
             raise BadInput("parameters.timeout must be a non-negative integer (microseconds)")
+        reply_codec = parameters.get("reply_codec")
+        if reply_codec is not None:
+            reply_codec = get_codec(
+                reply_codec if type(reply_codec) is str else repr(reply_codec)
+            ).name
     outputs = header.get("outputs")
     return InferRequest(
         id=_request_id(header),
-        inputs=_read_tensors(header, "inputs", data),
+        inputs=_read_tensors(header, "inputs", data, limit),
         outputs=_requested_outputs(outputs) if outputs is not None else (),
         timeout_us=timeout,
+        reply_codec=reply_codec,
     )
 
 
-def encode_response(response: InferResponse) -> bytes:
+def encode_response(response: InferResponse, codecs: Choices = None) -> bytes:
     header = {
         "id": response.id,
         "model_name": response.model_name,
         "model_version": response.model_version,
     }
-    return _frame(header, "outputs", response.outputs)
+    return _frame(header, "outputs", response.outputs, codecs)
 
 
-def decode_response(body: bytes) -> InferResponse:
+def decode_response(body: bytes, limit: int = DEFAULT_DECODE_LIMIT) -> InferResponse:
     header, data = _unframe(body)
     return InferResponse(
         id=_request_id(header),
         model_name=str(header.get("model_name", "")),
         model_version=str(header.get("model_version", "")),
-        outputs=_read_tensors(header, "outputs", data),
+        outputs=_read_tensors(header, "outputs", data, limit),
     )
 
 
@@ -125,18 +143,23 @@ def decode_error(body: bytes) -> str:
         return body.decode(errors="replace") or "unknown error"
 
 
-def _frame(header: dict[str, Any], key: str, tensors: Tensors) -> bytes:
+def _frame(header: dict[str, Any], key: str, tensors: Tensors, codecs: Choices) -> bytes:
     entries: list[dict[str, Any]] = []
     buffers: list[bytes | memoryview] = [b"", b""]  # room for the prefix and the JSON
     for name, value in tensors.items():
         array = value if type(value) is np.ndarray else np.asarray(value)
         datatype = datatype_of(array)
-        data = raw.encode(array, datatype)
-        size = len(data)
-        parameters = {"binary_data_size": size}
-        entries.append(
-            {"name": name, "datatype": datatype, "shape": array.shape, "parameters": parameters}
-        )
+        codec = codec_for(codecs, name)
+        parameters: dict[str, Any]
+        if codec is None or codec.name == RAW:
+            data = raw.encode(array, datatype)
+            parameters = {"binary_data_size": len(data)}
+        else:
+            codec.check(datatype, array.shape)
+            data = codec.encode(array, datatype)
+            parameters = {"binary_data_size": len(data), "codec": codec.name}
+        entry = {"name": name, "datatype": datatype, "shape": array.shape}
+        entries.append({**entry, "parameters": parameters})
         buffers.append(data)
     header[key] = entries
     json = orjson.dumps(header)
@@ -162,7 +185,9 @@ def _unframe(body: bytes) -> tuple[dict[str, Any], memoryview]:
     return header, view[end:]
 
 
-def _read_tensors(header: dict[str, Any], key: str, data: memoryview) -> dict[str, np.ndarray]:
+def _read_tensors(
+    header: dict[str, Any], key: str, data: memoryview, limit: int
+) -> dict[str, np.ndarray]:
     raw_entries = header.get(key)
     if type(raw_entries) is not list:
         raise BadInput(f"{key!r} must be a list of tensors")
@@ -176,7 +201,14 @@ def _read_tensors(header: dict[str, Any], key: str, data: memoryview) -> dict[st
         if entry.name in tensors:
             raise BadInput(f"tensor {entry.name!r} appears twice")
         end = offset + entry.size
-        tensors[entry.name] = raw.decode(data[offset:end], entry.datatype, entry.shape)
+        chunk = data[offset:end]
+        if entry.codec is None:
+            tensors[entry.name] = raw.decode(chunk, entry.datatype, entry.shape)
+        else:
+            # Decoding allocates: the whole request's tensors share one budget.
+            array = entry.codec.decode(chunk, entry.datatype, entry.shape, limit)
+            tensors[entry.name] = array
+            limit -= array.nbytes
         offset = end
     return tensors
 
@@ -195,15 +227,26 @@ def _tensor_entry(entry: object, key: str, index: int) -> _TensorEntry:
         raise BadInput(f"{key}[{index}].parameters must be an object")
     if "data" in entry:
         raise BadInput(f"{key}[{index}] ({name}): JSON tensor data is not supported; send binary")
-    codec = parameters.get("codec", raw.NAME)
-    if codec != raw.NAME:
-        raise BadInput(f"{key}[{index}] ({name}): unknown codec {codec!r}")
+    codec_name = parameters.get("codec", RAW)
+    codec = None if codec_name == RAW else _codec(codec_name, key, index, name)
     size = parameters.get("binary_data_size")
     if type(size) is not int or size < 0:
         raise BadInput(
             f"{key}[{index}] ({name}): parameters.binary_data_size must be an integer >= 0"
         )
-    return _TensorEntry(name, datatype, _shape(entry.get("shape"), key, index, name), size)
+    shape = _shape(entry.get("shape"), key, index, name)
+    if codec is not None:
+        codec.check(datatype, shape)
+    return _TensorEntry(name, datatype, shape, size, codec)
+
+
+def _codec(name: object, key: str, index: int, tensor: str) -> Codec:
+    if type(name) is not str:
+        raise BadInput(f"{key}[{index}] ({tensor}): codec must be a string")
+    try:
+        return get_codec(name)
+    except BadInput as exc:
+        raise BadInput(f"{key}[{index}] ({tensor}): {exc.message}") from None
 
 
 def _shape(shape: object, key: str, index: int, name: str) -> tuple[int, ...]:
@@ -219,6 +262,14 @@ def _shape(shape: object, key: str, index: int, name: str) -> tuple[int, ...]:
     if elements > MAX_ELEMENTS:
         raise BadInput(f"{where}: shape {shape} is absurdly large")
     return tuple(shape)
+
+
+def _reply_codec(name: object) -> str | None:
+    if name is None:
+        return None
+    if type(name) is not str:
+        raise BadInput("parameters.reply_codec must be a string")
+    return get_codec(name).name
 
 
 def _request_id(header: dict[str, Any]) -> str:

@@ -29,6 +29,7 @@ from inferbus.codecs import (
     encode_error,
     encode_response,
 )
+from inferbus.codecs.base import get_codec
 from inferbus.engines import Engine, create_engine
 from inferbus.errors import (
     BadInput,
@@ -195,7 +196,7 @@ class ServedModel:
                 f"request of {len(msg.data)} bytes exceeds max_request_bytes "
                 f"{self.config.max_request_bytes}"
             )
-        request = decode_request(msg.data)
+        request = decode_request(msg.data, self.config.max_request_bytes)
         rows = self._check(request)
         timeout = request.timeout_us
         deadline = None if timeout is None else time.monotonic() + timeout / 1e6
@@ -243,6 +244,11 @@ class ServedModel:
         unknown = set(request.outputs) - self._output_names
         if unknown:
             raise BadInput(f"unknown outputs {sorted(unknown)}; has {sorted(self._output_names)}")
+        if request.reply_codec is not None:
+            codec = get_codec(request.reply_codec)
+            for spec in self.signature.outputs:  # fail now, not after computing
+                if not request.outputs or spec.name in request.outputs:
+                    codec.check(spec.datatype, tuple(max(dim, 1) for dim in spec.shape))
         if not self._batched:
             return 1
         sizes = {array.shape[0] for array in request.inputs.values()}
@@ -331,7 +337,7 @@ class ServedModel:
         version = str(self.config.version)
         response = InferResponse(work.request.id, self.config.name, version, dict(outputs))
         try:
-            return encode_response(response)
+            return encode_response(response, work.request.reply_codec)
         except BadInput as exc:  # the engine's output, not the caller's input, is at fault
             return EngineFailure(f"cannot encode the engine's outputs: {exc.message}")
 

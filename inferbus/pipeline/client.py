@@ -19,6 +19,7 @@ from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from inferbus.codecs import InferRequest, decode_error, decode_response, encode_request
+from inferbus.codecs.base import Choices
 from inferbus.errors import (
     BadInput,
     DeadlineExceeded,
@@ -105,10 +106,15 @@ class Client(AsyncResource):
         version: int | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         outputs: Sequence[str] = (),
+        codec: Choices = None,
+        reply_codec: str | None = None,
     ) -> InferResult:
         """Run ``model`` on ``inputs`` (one array, or named arrays) on some worker.
 
-        Raises ``ModelNotFound`` at once when no worker serves it, ``DeadlineExceeded`` after
+        ``codec`` picks how inputs travel ("raw", "zstd", "lz4", "fp16", "jpeg" or a codec
+        object such as ``Jpeg(quality=80)``; one for all inputs, or a dict by input name);
+        ``reply_codec`` asks the worker to send the outputs that way. Raises
+        ``ModelNotFound`` at once when no worker serves the model, ``DeadlineExceeded`` after
         ``timeout`` seconds, and the matching ``RequestError`` for an error reply.
         """
         if timeout <= 0:
@@ -126,8 +132,9 @@ class Client(AsyncResource):
                 inputs=named,
                 outputs=tuple(outputs),
                 timeout_us=int(remaining * 1e6),
+                reply_codec=reply_codec,
             )
-            body = encode_request(request)
+            body = encode_request(request, codec)
             if len(body) > self.nats.max_payload:
                 raise PayloadTooLarge(
                     f"request of {len(body)} bytes exceeds the NATS server's max_payload "
@@ -158,6 +165,8 @@ class Client(AsyncResource):
         concurrency: int = ...,
         pack: int = ...,
         errors: Literal["raise"] = ...,
+        codec: Choices = ...,
+        reply_codec: str | None = ...,
         progress: bool | None = ...,
         total: int | None = ...,
     ) -> AsyncIterator[InferResult]: ...
@@ -173,6 +182,8 @@ class Client(AsyncResource):
         concurrency: int = ...,
         pack: int = ...,
         errors: Literal["return"],
+        codec: Choices = ...,
+        reply_codec: str | None = ...,
         progress: bool | None = ...,
         total: int | None = ...,
     ) -> AsyncIterator[InferResult | RequestError]: ...
@@ -187,6 +198,8 @@ class Client(AsyncResource):
         concurrency: int = 16,
         pack: int = 1,
         errors: Literal["raise", "return"] = "raise",
+        codec: Choices = None,
+        reply_codec: str | None = None,
         progress: bool | None = None,
         total: int | None = None,
     ) -> AsyncIterator[InferResult | RequestError]:
@@ -214,9 +227,8 @@ class Client(AsyncResource):
         window: deque[asyncio.Task[list[InferResult | RequestError]]] = deque()
         try:
             for chunk in chunks:
-                window.append(
-                    asyncio.create_task(self._infer_chunk(model, chunk, version, timeout))
-                )
+                call = self._infer_chunk(model, chunk, version, timeout, (codec, reply_codec))
+                window.append(asyncio.create_task(call))
                 if len(window) >= concurrency:
                     for result in await _next_results(window, errors, bar):
                         yield result
@@ -230,10 +242,22 @@ class Client(AsyncResource):
             bar.close()
 
     async def _infer_chunk(
-        self, model: str, chunk: Chunk, version: int | None, timeout: float
+        self,
+        model: str,
+        chunk: Chunk,
+        version: int | None,
+        timeout: float,
+        codecs: tuple[Choices, str | None],
     ) -> list[InferResult | RequestError]:
         try:
-            result = await self.infer(model, chunk.inputs, version=version, timeout=timeout)
+            result = await self.infer(
+                model,
+                chunk.inputs,
+                version=version,
+                timeout=timeout,
+                codec=codecs[0],
+                reply_codec=codecs[1],
+            )
         except RequestError as exc:
             return [exc] * len(chunk.rows)
         parts = unpack(result, chunk.rows)

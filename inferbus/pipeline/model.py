@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Generic, TypeVar
 
+from inferbus.codecs.base import Choices
 from inferbus.pipeline.client import DEFAULT_TIMEOUT, Client, InferResult, Inputs
 
 In = TypeVar("In")
@@ -13,12 +14,17 @@ Out = TypeVar("Out")
 class Model(Generic[In, Out]):
     """Client-side pre- and post-processing around a remote model.
 
-    Subclasses set ``name`` (and ``version`` to pin one) and override ``preprocess`` (raw input
-    to tensors) and ``postprocess`` (outputs to an answer); then ``await model(x)``.
+    Subclasses set ``name`` (and ``version`` to pin one, ``codec`` to choose how inputs
+    travel) and override ``preprocess`` (raw input to tensors) and ``postprocess`` (outputs to
+    an answer); then ``await model(x)``.
     """
 
     name: ClassVar[str]
     version: ClassVar[int | None] = None
+    #: how inputs travel: a codec name or object, or a dict of them by input name
+    codec: ClassVar[Choices] = None
+    #: the codec the outputs should come back in
+    reply_codec: ClassVar[str | None] = None
 
     def __init__(self, client: Client, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.client = client
@@ -35,6 +41,11 @@ class Model(Generic[In, Out]):
     async def __call__(self, item: In) -> Out:
         inputs = self.preprocess(item)
         outputs = await self.client.infer(
-            self.name, inputs, version=self.version, timeout=self.timeout
+            self.name,
+            inputs,
+            version=self.version,
+            timeout=self.timeout,
+            codec=self.codec,
+            reply_codec=self.reply_codec,
         )
         return self.postprocess(outputs)
