@@ -18,7 +18,7 @@ from inferbus.errors import ConfigError
 
 NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]+")  # use with fullmatch
 CONFIG_FILE: Final = "config.toml"
-DEFAULT_MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
+DEFAULT_MAX_REQUEST_BYTES: Final = 512 * 1024 * 1024
 # auto: on the event loop when the engine is faster than a hop to a thread, else on a thread.
 EXECUTION_MODES: Final = ("auto", "thread", "inline")
 

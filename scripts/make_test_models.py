@@ -79,6 +79,15 @@ def xy_identity_graph(name: str) -> onnx.GraphProto:
     )
 
 
+def blob_graph(name: str) -> onnx.GraphProto:
+    """Identity from ``x`` UINT8 [batch, 1024] to ``y``: 1 KiB rows, for large tensors."""
+    node = helper.make_node("Identity", ["x"], ["y"])
+    dims: Dims = ["batch", 1024]
+    return helper.make_graph(
+        [node], name, [tensor("x", TensorProto.UINT8, dims)], [tensor("y", TensorProto.UINT8, dims)]
+    )
+
+
 def add_graph(name: str, addend: float) -> onnx.GraphProto:
     """``y = x + addend`` with ``x`` FP32 [batch, 4]; the addend is an initializer."""
     const = numpy_helper.from_array(np.array(addend, dtype=np.float32), "addend")
@@ -154,6 +163,18 @@ def all_models() -> list[ModelSpec]:
             "Identity through FailingEngine, which raises if any x is negative (error paths).",
             engine_file="failing_engine.py",
         ),
+        ModelSpec(
+            "blob",
+            blob_graph("blob"),
+            {
+                "name": "blob",
+                "version": 1,
+                **BASE_CONFIG,
+                "max_batch_size": 262144,
+                "execution": "thread",
+            },
+            "Identity on UINT8 [batch, 1024]: up to 256 MiB, for chunked transfers.",
+        ),
     ]
 
 
@@ -214,6 +235,11 @@ def xy_feeds() -> Feeds:
     return {"x": np.array([[0.0, 1.0, -2.5, 3.0], [4.0, -5.0, 6.5, 7.0]], dtype=np.float32)}
 
 
+def blob_feeds() -> Feeds:
+    """Three 1 KiB rows of counting bytes."""
+    return {"x": (np.arange(3 * 1024) % 251).astype(np.uint8).reshape(3, 1024)}
+
+
 def check_identity(feeds: Feeds, outputs: Feeds) -> None:
     """Each ``n_out`` (or ``y`` for ``x``) must equal its input, dtype included."""
     for name, value in feeds.items():
@@ -239,6 +265,7 @@ CHECKS: dict[str, tuple[Callable[[], Feeds], Callable[[Feeds, Feeds], None]]] = 
     "add_v2": (xy_feeds, check_add(2.0)),
     "slow": (xy_feeds, check_identity),
     "failing": (xy_feeds, check_identity),
+    "blob": (blob_feeds, check_identity),
 }
 
 

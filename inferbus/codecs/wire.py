@@ -83,7 +83,7 @@ def encode_request(request: InferRequest, codecs: Choices = None) -> bytes:
     return _frame(header, "inputs", request.inputs, codecs)
 
 
-def decode_request(body: bytes, limit: int = DEFAULT_DECODE_LIMIT) -> InferRequest:
+def decode_request(body: bytes | bytearray, limit: int = DEFAULT_DECODE_LIMIT) -> InferRequest:
     """The request in ``body``; decoding allocates at most ``limit`` bytes (else 413)."""
     header, data = _unframe(body)
     timeout = reply_codec = None
@@ -118,7 +118,7 @@ def encode_response(response: InferResponse, codecs: Choices = None) -> bytes:
     return _frame(header, "outputs", response.outputs, codecs)
 
 
-def decode_response(body: bytes, limit: int = DEFAULT_DECODE_LIMIT) -> InferResponse:
+def decode_response(body: bytes | bytearray, limit: int = DEFAULT_DECODE_LIMIT) -> InferResponse:
     header, data = _unframe(body)
     return InferResponse(
         id=_request_id(header),
@@ -168,7 +168,7 @@ def _frame(header: dict[str, Any], key: str, tensors: Tensors, codecs: Choices) 
     return b"".join(buffers)
 
 
-def _unframe(body: bytes) -> tuple[dict[str, Any], memoryview]:
+def _unframe(body: bytes | bytearray) -> tuple[dict[str, Any], memoryview]:
     if len(body) < 4:
         raise BadInput(f"body of {len(body)} bytes is shorter than its 4-byte length prefix")
     length = int.from_bytes(body[:4], "little")

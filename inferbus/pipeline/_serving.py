@@ -11,7 +11,7 @@ import asyncio
 import logging
 import statistics
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Coroutine, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
@@ -42,21 +42,17 @@ from inferbus.pipeline._mapping import unpack
 from inferbus.pipeline._service import EndpointRecord
 from inferbus.pipeline._stats import ModelStats
 from inferbus.pipeline._threads import run_in_thread
+from inferbus.pipeline._transfer import Receiver, send
 from inferbus.pipeline.batching import BatchQueue, Pending
-from inferbus.pipeline.subjects import ERROR_CODE_HEADER, ERROR_HEADER
+from inferbus.pipeline.subjects import error_headers
 from inferbus.repository import ModelConfig
 
-_MAX_HEADER_TEXT: Final = 512
 # A hop to a thread and back costs ~160 µs here (DESIGN.md): engines faster than this run inline.
 INLINE_BELOW_S: Final = 200e-6
+TIMING_BATCH: Final = 64
+REPLY_TRANSFER_S: Final = 60.0  # a large reply's time limit when the request set no budget
 
 log = logging.getLogger("inferbus.worker")
-
-
-def error_headers(error: RequestError) -> dict[str, str]:
-    # Header values are one line: CR/LF would end the header block early.
-    text = " ".join(error.message.split())[:_MAX_HEADER_TEXT]
-    return {ERROR_HEADER: text, ERROR_CODE_HEADER: str(error.code)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +90,8 @@ async def load_served_model(config: ModelConfig) -> ServedModel:
 
 def _time_full_batch(engine: Engine) -> float:
     signature = engine.signature
-    batch = engine.config.max_batch_size if _is_batched(engine) else 1
+    # A realistic batch: max_batch_size may be huge for models that take big tensors.
+    batch = min(engine.config.max_batch_size, TIMING_BATCH) if _is_batched(engine) else 1
     inputs = signature.examples(batch)
     timings = []
     for _ in range(3):
@@ -135,6 +132,7 @@ class ServedModel:
         self._consumers: list[asyncio.Task[None]] = []
         self._nats: NatsClient | None = None
         self._outstanding = 0  # admitted, not yet answered
+        self._transfers: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -173,14 +171,20 @@ class ServedModel:
         an engine that runs inline, the request is computed right here: batching could only
         add a task switch. Under load messages queue up and batches form.
         """
+        await self.admit(msg.data, msg.reply, record, backlog)
+
+    async def admit(
+        self, data: bytes | bytearray, reply: str, record: EndpointRecord, backlog: int = 0
+    ) -> None:
+        """Admit one request body (a message's, or one assembled from a transfer)."""
         received_ns = time.perf_counter_ns()
         try:
-            work = self._admit(msg, record, received_ns)
+            work = self._admit(data, reply, record, received_ns)
             direct = self._direct and not backlog and not self.queue
             if not direct:
                 self.queue.submit(work, rows=work.rows, key=self._batch_key(work.request))
         except Exception as exc:  # every request gets an answer, whatever went wrong
-            await self._reply_error(msg.reply, record, received_ns, exc)
+            await self._reply_error(reply, record, received_ns, exc)
             return
         self._outstanding += 1
         self._idle.clear()
@@ -190,34 +194,70 @@ class ServedModel:
             outcome = _expired_error() if expired else self._run_batch(self.engines[0], [work])[0]
             await self._reply(work, outcome)
 
-    def _admit(self, msg: Msg, record: EndpointRecord, received_ns: int) -> _Work:
-        if len(msg.data) > self.config.max_request_bytes:
+    def _admit(
+        self, data: bytes | bytearray, reply: str, record: EndpointRecord, received_ns: int
+    ) -> _Work:
+        if len(data) > self.config.max_request_bytes:
             raise PayloadTooLarge(
-                f"request of {len(msg.data)} bytes exceeds max_request_bytes "
+                f"request of {len(data)} bytes exceeds max_request_bytes "
                 f"{self.config.max_request_bytes}"
             )
-        request = decode_request(msg.data, self.config.max_request_bytes)
+        request = decode_request(data, self.config.max_request_bytes)
         rows = self._check(request)
         timeout = request.timeout_us
         deadline = None if timeout is None else time.monotonic() + timeout / 1e6
-        return _Work(request, rows, deadline, msg.reply, record, received_ns)
+        return _Work(request, rows, deadline, reply, record, received_ns)
+
+    async def accept_transfer(self, msg: Msg, record: EndpointRecord) -> None:
+        """An offer of a request too large for one message: receive it, then admit it."""
+        try:
+            receiver = await Receiver.accept(self._client(), msg, self.config.max_request_bytes)
+        except RequestError as exc:  # already answered to the sender
+            self.stats.request_done(exc.code)
+            return
+        self._track(self._receive(receiver, record))
+
+    async def _receive(self, receiver: Receiver, record: EndpointRecord) -> None:
+        try:
+            body = await receiver.wait()
+        except RequestError as exc:  # abandoned or corrupt: the sender was told, if it listens
+            log.warning("%s: %s", self.config.name, exc)
+            self.stats.request_done(exc.code)
+            return
+        await self.admit(body, receiver.offer.reply, record)
+
+    def _track(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run transfer work in the background; drain waits for it like for queued requests."""
+        task = asyncio.create_task(work)
+        self._transfers.add(task)
+        task.add_done_callback(self._transfers.discard)
 
     async def _reply(self, work: _Work, outcome: Outcome) -> None:
-        """Publish a computed outcome and count the request as done."""
+        """Publish a computed outcome (in chunks if it is large) and count it as done."""
         self._outstanding -= 1
         if not self._outstanding:
             self._idle.set()
         if isinstance(outcome, bytes) and len(outcome) > self._client().max_payload:
-            outcome = PayloadTooLarge(
-                f"reply of {len(outcome)} bytes exceeds the NATS server's max_payload "
-                f"{self._client().max_payload}"
-            )
-        if isinstance(outcome, bytes):
+            self._track(self._send_large(work, outcome))
+        elif isinstance(outcome, bytes):
             await self._client().publish(work.reply, outcome)
             self.stats.request_done(None)
             work.record.observe(time.perf_counter_ns() - work.received_ns)
         else:
             await self._reply_error(work.reply, work.record, work.received_ns, outcome)
+
+    async def _send_large(self, work: _Work, body: bytes) -> None:
+        budget = REPLY_TRANSFER_S
+        if work.deadline is not None:
+            budget = max(work.deadline - time.monotonic(), 1.0)
+        try:
+            await send(self._client(), work.reply, body, timeout=budget)
+        except RequestError as exc:  # the caller gave up or went away: nobody left to tell
+            log.warning("%s: reply transfer failed: %s", self.config.name, exc)
+            self.stats.request_done(exc.code)
+            return
+        self.stats.request_done(None)
+        work.record.observe(time.perf_counter_ns() - work.received_ns)
 
     async def _reply_error(
         self, reply: str, record: EndpointRecord, received_ns: int, exc: Exception
@@ -235,8 +275,10 @@ class ServedModel:
         return self._nats
 
     async def wait_idle(self) -> None:
-        """Return once every admitted request has been answered."""
-        await self._idle.wait()
+        """Return once every admitted request and every transfer has been answered."""
+        while self._transfers or not self._idle.is_set():
+            await asyncio.gather(*self._transfers, return_exceptions=True)
+            await self._idle.wait()
 
     def _check(self, request: InferRequest) -> int:
         """Validate against the signature; the request's batch size in rows."""

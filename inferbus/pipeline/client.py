@@ -20,19 +20,21 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from inferbus.codecs import InferRequest, decode_error, decode_response, encode_request
 from inferbus.codecs.base import Choices
+from inferbus.codecs.wire import DEFAULT_DECODE_LIMIT
 from inferbus.errors import (
     BadInput,
     DeadlineExceeded,
     EngineFailure,
     ModelNotFound,
-    PayloadTooLarge,
     RequestError,
     Unavailable,
     error_for_code,
 )
+from inferbus.pipeline import _transfer as transfer
 from inferbus.pipeline._connection import ConnectOptions, connect_nats, split_servers
 from inferbus.pipeline._lifecycle import AsyncResource
 from inferbus.pipeline._mapping import Chunk, pack_items, slices, unpack
+from inferbus.pipeline._transfer import is_offer
 from inferbus.pipeline.discovery import ModelInfo, models_from_infos, serves, service_infos
 from inferbus.pipeline.subjects import ERROR_CODE_HEADER, infer_subject
 
@@ -136,13 +138,42 @@ class Client(AsyncResource):
             )
             body = encode_request(request, codec)
             if len(body) > self.nats.max_payload:
-                raise PayloadTooLarge(
-                    f"request of {len(body)} bytes exceeds the NATS server's max_payload "
-                    f"{self.nats.max_payload}",
-                    model=model,
-                )
-            reply = await self._request(subject, body, remaining, model)
-        return _result(reply, model)
+                reply = await self._request_large(subject, body, remaining, model)
+            else:
+                reply = await self._request(subject, body, remaining, model)
+            data: bytes | bytearray = reply.data
+            if is_offer(reply):  # the reply itself is too large for one message
+                data = await self._receive(reply, deadline - time.monotonic(), model)
+        return _result(reply, data, model)
+
+    async def _request_large(self, subject: str, body: bytes, timeout: float, model: str) -> Msg:
+        """Send a body above max_payload in chunks; the reply comes to a private inbox."""
+        inbox = self.nats.new_inbox()
+        replies: asyncio.Queue[Msg] = asyncio.Queue()
+        subscription = await self.nats.subscribe(inbox, cb=replies.put, max_msgs=1)
+        try:
+            started = time.monotonic()
+            await transfer.send(self.nats, subject, body, timeout=timeout, reply=inbox)
+            left = timeout - (time.monotonic() - started)
+            return await asyncio.wait_for(replies.get(), max(left, 0.001))
+        except transfer.NobodyTook:
+            raise ModelNotFound(f"no worker serves {subject}", model=model) from None
+        except RequestError as exc:
+            exc.model = model
+            raise
+        except TimeoutError:
+            raise DeadlineExceeded(f"no reply within {timeout:g}s", model=model) from None
+        finally:
+            if not self.nats.is_closed:
+                await subscription.unsubscribe()
+
+    async def _receive(self, offer: Msg, timeout: float, model: str) -> bytearray:
+        try:
+            receiver = await transfer.Receiver.accept(self.nats, offer, DEFAULT_DECODE_LIMIT)
+        except RequestError as exc:
+            exc.model = model
+            raise
+        return await receiver.wait()
 
     async def _request(self, subject: str, body: bytes, timeout: float, model: str) -> Msg:
         try:
@@ -318,13 +349,13 @@ class Client(AsyncResource):
         return models_from_infos(infos)
 
 
-def _result(reply: Msg, model: str) -> InferResult:
+def _result(reply: Msg, data: bytes | bytearray, model: str) -> InferResult:
     code = (reply.headers or {}).get(ERROR_CODE_HEADER)
     if code is not None:
         number = int(code) if code.isascii() and code.isdigit() else 500
         raise error_for_code(number, decode_error(reply.data), model=model)
     try:
-        response = decode_response(reply.data)
+        response = decode_response(data)
     except BadInput as exc:  # the worker broke the protocol; the caller's input was fine
         raise EngineFailure(f"malformed reply: {exc.message}", model=model) from exc
     return InferResult(response.outputs, response.model_name, response.model_version, response.id)

@@ -24,6 +24,7 @@ from inferbus.pipeline._connection import ConnectOptions, connect_nats
 from inferbus.pipeline._lifecycle import AsyncResource
 from inferbus.pipeline._service import EndpointRecord, MicroService
 from inferbus.pipeline._serving import ServedModel, load_served_model
+from inferbus.pipeline._transfer import is_offer
 from inferbus.pipeline.subjects import SERVICE_NAME, infer_subject, queue_group
 from inferbus.repository import ModelConfig
 
@@ -102,9 +103,13 @@ class Worker(AsyncResource):
 
         async def enqueue(msg: Msg) -> None:
             # nats-py awaits one subscription's callbacks in turn: this only admits the request.
-            if msg.reply:  # a publish, not a request, has nobody to answer
-                backlog = subscription.pending_msgs if subscription is not None else 0
-                await model.handle(msg, record, backlog)
+            if not msg.reply:  # a publish, not a request, has nobody to answer
+                return
+            if is_offer(msg):
+                await model.accept_transfer(msg, record)
+                return
+            backlog = subscription.pending_msgs if subscription is not None else 0
+            await model.handle(msg, record, backlog)
 
         subscription = await client.subscribe(record.subject, queue=record.queue_group, cb=enqueue)
         self._subscriptions.append(subscription)

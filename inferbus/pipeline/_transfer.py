@@ -1,0 +1,266 @@
+"""Bodies larger than the server's max_payload, sent in chunks to the one peer that took them.
+
+The sender offers the body (a small message carrying the ``Inferbus-Transfer: offer`` header
+and a JSON description) on the normal subject; the receiver checks the size against its
+limit, allocates once, subscribes a private subject and answers with it; the sender then
+requests each chunk there (``Inferbus-Chunk: <index> <crc32>``), a window of them in flight,
+and every chunk is acknowledged. A receiver that hears nothing for its time limit abandons the
+transfer and frees it. The same code carries requests (client → worker) and replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from inferbus.codecs import decode_error, encode_error
+from inferbus.errors import (
+    BadInput,
+    DeadlineExceeded,
+    InferbusError,
+    PayloadTooLarge,
+    RequestError,
+    Unavailable,
+    error_for_code,
+)
+from inferbus.pipeline.subjects import ERROR_CODE_HEADER, error_headers
+
+TRANSFER_HEADER: Final = "Inferbus-Transfer"
+CHUNK_HEADER: Final = "Inferbus-Chunk"
+OFFER: Final = "offer"
+WINDOW: Final = 8  # chunks in flight: measured faster than one message, without flooding
+MAX_CHUNK: Final = 4 * 1024 * 1024
+HEADROOM: Final = 4096  # the PUB line and chunk header must fit beside the chunk
+MAX_TRANSFER_S: Final = 120.0
+CHUNK_ACK_S: Final = 5.0  # a 4 MiB chunk takes well under 0.1 s here
+
+
+class NobodyTook(Unavailable):
+    """No one subscribes to the subject a transfer was offered on."""
+
+
+def is_offer(msg: Msg) -> bool:
+    return bool(msg.headers) and msg.headers.get(TRANSFER_HEADER) == OFFER  # type: ignore[union-attr]
+
+
+def chunk_size(max_payload: int) -> int:
+    if max_payload <= HEADROOM:
+        raise InferbusError(f"the server's max_payload of {max_payload} bytes is too small")
+    return min(max_payload - HEADROOM, MAX_CHUNK)
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """What a sender announces: the body's size, how it is cut, and where replies go."""
+
+    size: int
+    chunk_size: int
+    timeout_s: float
+    reply: str = ""  # requests only: where the worker sends the response
+
+    @property
+    def chunks(self) -> int:
+        return math.ceil(self.size / self.chunk_size)
+
+    def body(self) -> bytes:
+        fields: dict[str, Any] = {
+            "size": self.size,
+            "chunk_size": self.chunk_size,
+            "chunks": self.chunks,
+            "timeout_ms": int(self.timeout_s * 1e3),
+        }
+        if self.reply:
+            fields["reply"] = self.reply
+        json = orjson.dumps({"transfer": fields})
+        return len(json).to_bytes(4, "little") + json
+
+    @classmethod
+    def parse(cls, data: bytes) -> Offer:
+        fields = _transfer_json(data)
+        size, chunk, timeout_ms = (fields.get(k) for k in ("size", "chunk_size", "timeout_ms"))
+        reply = fields.get("reply", "")
+        if not all(type(v) is int and v > 0 for v in (size, chunk, timeout_ms)):
+            raise BadInput("transfer offer needs positive integer size, chunk_size, timeout_ms")
+        if type(reply) is not str or fields.get("chunks") != math.ceil(size / chunk):  # type: ignore[operator]
+            raise BadInput("transfer offer is inconsistent")
+        return cls(size, chunk, min(timeout_ms / 1e3, MAX_TRANSFER_S), reply)  # type: ignore[arg-type, operator]
+
+
+def _transfer_json(data: bytes) -> dict[str, Any]:
+    length = int.from_bytes(data[:4], "little")
+    try:
+        header = orjson.loads(data[4 : 4 + length])
+    except orjson.JSONDecodeError as exc:
+        raise BadInput(f"transfer message is not JSON: {exc}") from exc
+    fields = header.get("transfer") if isinstance(header, dict) else None
+    if not isinstance(fields, dict):
+        raise BadInput("transfer message lacks its 'transfer' object")
+    return fields
+
+
+def _raise_if_error(msg: Msg, context: str) -> None:
+    code = (msg.headers or {}).get(ERROR_CODE_HEADER)
+    if code is not None:
+        number = int(code) if code.isascii() and code.isdigit() else 500
+        raise error_for_code(number, f"{context}: {decode_error(msg.data)}")
+
+
+async def send(
+    client: NatsClient, subject: str, body: bytes, *, timeout: float, reply: str = ""
+) -> None:
+    """Offer ``body`` on ``subject`` and stream it to whoever accepts; raise on any refusal."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    offer = Offer(len(body), chunk_size(client.max_payload), timeout, reply)
+    try:
+        answer = await client.request(
+            subject, offer.body(), timeout=timeout, headers={TRANSFER_HEADER: OFFER}
+        )
+    except NoRespondersError:
+        raise NobodyTook(f"nobody listens on {subject}") from None
+    except NatsTimeoutError:
+        raise DeadlineExceeded(f"nobody answered the transfer offer in {timeout:g}s") from None
+    try:
+        _raise_if_error(answer, "transfer refused")
+        target = _transfer_json(answer.data).get("subject")
+        if not isinstance(target, str) or not target:
+            raise BadInput("transfer answer lacks its subject")
+        await _stream(client, target, memoryview(body), offer, deadline)
+    except NoRespondersError:
+        raise Unavailable(f"the receiver of the transfer on {subject} went away") from None
+    except NatsTimeoutError:
+        raise DeadlineExceeded(
+            f"transfer of {len(body)} bytes did not finish within {timeout:g}s"
+        ) from None
+
+
+async def _stream(
+    client: NatsClient, target: str, body: memoryview, offer: Offer, deadline: float
+) -> None:
+    loop = asyncio.get_running_loop()
+    gate = asyncio.Semaphore(WINDOW)
+
+    async def one(index: int) -> None:
+        async with gate:
+            part = body[index * offer.chunk_size : (index + 1) * offer.chunk_size]
+            headers = {CHUNK_HEADER: f"{index} {zlib.crc32(part)}"}
+            # A receiver that died leaves chunks in flight unanswered: each gets a time limit.
+            left = min(max(deadline - loop.time(), 0.001), CHUNK_ACK_S)
+            try:
+                ack = await client.request(target, part, timeout=left, headers=headers)  # type: ignore[arg-type]
+            except NatsTimeoutError:
+                raise Unavailable(
+                    f"chunk {index} was not acknowledged within {left:g}s: the receiver went away"
+                ) from None
+            _raise_if_error(ack, f"chunk {index}")
+
+    tasks = [asyncio.ensure_future(one(index)) for index in range(offer.chunks)]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:  # one failure stops the rest at once
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Receiver:
+    """One incoming transfer: a buffer filled by chunk requests on a private subject."""
+
+    active: int = 0  # transfers in progress in this process, for tests and stats
+
+    def __init__(self, client: NatsClient, offer: Offer) -> None:
+        self.client = client
+        self.offer = offer
+        self.buffer = bytearray(offer.size)  # the one allocation, after the size was checked
+        self.missing = set(range(offer.chunks))
+        self.done: asyncio.Future[bytearray] = asyncio.get_running_loop().create_future()
+        self._subscription: Subscription | None = None
+
+    @classmethod
+    async def accept(cls, client: NatsClient, msg: Msg, limit: int) -> Receiver:
+        """Answer an offer: refuse it (413, 400) or open a private subject for its chunks."""
+        try:
+            offer = Offer.parse(msg.data)
+            if offer.size > limit:
+                raise PayloadTooLarge(f"transfer of {offer.size} bytes exceeds the limit {limit}")
+        except RequestError as exc:
+            await _answer_error(client, msg.reply, exc)
+            raise
+        receiver = cls(client, offer)
+        subject = client.new_inbox()
+        receiver._subscription = await client.subscribe(subject, cb=receiver._on_chunk)
+        Receiver.active += 1
+        answer = orjson.dumps({"transfer": {"subject": subject}})
+        await client.publish(msg.reply, len(answer).to_bytes(4, "little") + answer)
+        return receiver
+
+    async def _on_chunk(self, msg: Msg) -> None:
+        try:
+            index = self._store(msg)
+        except RequestError as exc:
+            await _answer_error(self.client, msg.reply, exc)
+            self._finish(exc)
+            return
+        self.missing.discard(index)
+        await self.client.publish(msg.reply, b"")
+        if not self.missing:
+            self._finish(None)
+
+    def _store(self, msg: Msg) -> int:
+        index_text, _, crc_text = (msg.headers or {}).get(CHUNK_HEADER, "").partition(" ")
+        if not (index_text.isdigit() and crc_text.isdigit()):
+            raise BadInput(f"chunk lacks a valid {CHUNK_HEADER} header")
+        index = int(index_text)
+        start = index * self.offer.chunk_size
+        expected = min(self.offer.chunk_size, self.offer.size - start)
+        if index >= self.offer.chunks or len(msg.data) != expected:
+            raise BadInput(f"chunk {index} has {len(msg.data)} bytes; expected {expected}")
+        if zlib.crc32(msg.data) != int(crc_text):
+            raise BadInput(f"chunk {index} fails its checksum")
+        self.buffer[start : start + expected] = msg.data
+        return index
+
+    def _finish(self, error: BaseException | None) -> None:
+        if self.done.done():
+            return
+        if error is None:
+            self.done.set_result(self.buffer)
+        else:
+            self.done.set_exception(error)
+
+    async def wait(self) -> bytearray:
+        """The whole body, or DeadlineExceeded when the sender went quiet; always cleans up."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(self.done), self.offer.timeout_s)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"transfer abandoned: {len(self.missing)} of {self.offer.chunks} chunks "
+                f"missing after {self.offer.timeout_s:g}s"
+            ) from None
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            Receiver.active -= 1
+            if not self.client.is_closed:
+                await subscription.unsubscribe()
+        if not self.done.done():
+            self.done.cancel()
+        self.buffer = bytearray()
+
+
+async def _answer_error(client: NatsClient, reply: str, error: RequestError) -> None:
+    if reply:
+        await client.publish(reply, encode_error(error.message), headers=error_headers(error))

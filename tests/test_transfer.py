@@ -1,0 +1,140 @@
+"""Tensors larger than max_payload: chunked both ways, bounded, checked, and cleaned up."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import nats
+import numpy as np
+import pytest
+from nats.aio.client import Client as NatsClient
+
+import inferbus
+from inferbus.codecs import InferRequest, encode_request
+from inferbus.pipeline import _transfer as transfer
+from inferbus.pipeline._connection import ConnectOptions
+from tests.conftest import TEST_MODELS
+from tests.test_worker_lifecycle import start_worker_process, wait_until_served
+
+ONE_MB = 1024 * 1024
+
+
+@pytest.fixture
+def small_server() -> Iterator[inferbus.EmbeddedServer]:
+    """NATS's own default: 1 MB messages at most."""
+    with inferbus.EmbeddedServer(max_payload=ONE_MB) as server:
+        yield server
+
+
+def big_identity() -> inferbus.ModelConfig:
+    return dataclasses.replace(inferbus.load_model_config(TEST_MODELS / "blob"), name="big")
+
+
+@pytest.fixture
+async def big_worker(small_server: inferbus.EmbeddedServer) -> AsyncIterator[inferbus.Worker]:
+    options = ConnectOptions(servers=[small_server.url])
+    async with inferbus.Worker([big_identity()], options) as worker:
+        yield worker
+
+
+def blob(mib: float) -> dict[str, np.ndarray]:
+    rows = int(mib * 1024)
+    return {"x": np.random.default_rng(rows).integers(0, 256, (rows, 1024), dtype=np.uint8)}
+
+
+@pytest.mark.usefixtures("big_worker")
+async def test_64_mib_tensor_through_a_1_mb_server_both_ways(
+    small_server: inferbus.EmbeddedServer,
+) -> None:
+    inputs = blob(64)
+    async with inferbus.connect(small_server.url) as client:
+        result = await client.infer("big", inputs, timeout=60)
+        np.testing.assert_array_equal(result["y"], inputs["x"])
+        assert transfer.Receiver.active == 0
+        small = await client.infer("big", blob(0.01), timeout=5)  # small ones are unchanged
+        assert small["y"].shape == (10, 1024)
+
+
+@pytest.mark.usefixtures("big_worker")
+async def test_too_large_for_the_model_is_refused_before_any_chunk(
+    small_server: inferbus.EmbeddedServer, raw_small: NatsClient
+) -> None:
+    config = dataclasses.replace(big_identity(), name="capped", max_request_bytes=2 * ONE_MB)
+    options = ConnectOptions(servers=[small_server.url])
+    async with inferbus.Worker([config], options), inferbus.connect(small_server.url) as client:
+        started = time.monotonic()
+        with pytest.raises(inferbus.PayloadTooLarge, match="exceeds the limit"):
+            await client.infer("capped", blob(4), timeout=30)
+        assert time.monotonic() - started < 5
+
+
+@pytest.fixture
+async def raw_small(small_server: inferbus.EmbeddedServer) -> AsyncIterator[NatsClient]:
+    connection = await nats.connect(small_server.url)
+    yield connection
+    await connection.close()
+
+
+def offer_body(size: int, chunk: int, timeout_s: float, reply: str = "") -> bytes:
+    return transfer.Offer(size, chunk, timeout_s, reply).body()
+
+
+@pytest.mark.usefixtures("big_worker")
+async def test_a_corrupt_chunk_is_refused(raw_small: NatsClient) -> None:
+    headers = {transfer.TRANSFER_HEADER: transfer.OFFER}
+    answer = await raw_small.request(
+        "inferbus.infer.big", offer_body(10, 10, 5.0, "nowhere"), headers=headers, timeout=5
+    )
+    subject = transfer._transfer_json(answer.data)["subject"]
+    ack = await raw_small.request(
+        subject, b"0123456789", headers={transfer.CHUNK_HEADER: "0 12345"}, timeout=5
+    )
+    assert ack.headers is not None
+    assert ack.headers["Nats-Service-Error-Code"] == "400"
+    assert "checksum" in ack.headers["Nats-Service-Error"]
+
+
+async def test_an_abandoned_transfer_is_freed(
+    big_worker: inferbus.Worker, raw_small: NatsClient
+) -> None:
+    headers = {transfer.TRANSFER_HEADER: transfer.OFFER}
+    body = encode_request(InferRequest("x", blob(2)))
+    answer = await raw_small.request(
+        "inferbus.infer.big",
+        offer_body(len(body), 1000, 0.3, "nowhere"),
+        headers=headers,
+        timeout=5,
+    )
+    assert not answer.headers  # accepted; then the sender goes quiet
+    assert transfer.Receiver.active == 1
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if transfer.Receiver.active == 0:
+            break
+    assert transfer.Receiver.active == 0
+    (model,) = big_worker.models
+    assert model.stats_data()["errors_by_code"] == {"504": 1}
+
+
+async def test_worker_killed_midway_fails_fast_and_leaks_nothing(
+    small_server: inferbus.EmbeddedServer,
+) -> None:
+    process = start_worker_process(small_server.url, "slow")
+    async with inferbus.connect(small_server.url) as client:
+        await wait_until_served(client, "slow")
+        await client.infer("slow", {"x": np.zeros((1, 4), dtype=np.float32)})
+        subscriptions = len(client.nats._subs)  # nats-py's reply inbox is there from now on
+        x = {"x": np.zeros((1 << 20, 4), dtype=np.float32)}  # 16 MiB: 17 chunks
+        call = asyncio.create_task(client.infer("slow", x, timeout=30))
+        await asyncio.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(inferbus.Unavailable, match="went away"):
+            await call
+        assert time.monotonic() - started < transfer.CHUNK_ACK_S + 3
+        assert len(client.nats._subs) == subscriptions
+    process.wait()
