@@ -82,6 +82,9 @@ class EmbeddedServer:
         lines = [
             f'listen: "{self.host}:{self.port}"',
             f"max_payload: {self.max_payload}",
+            # A client's outbound buffer must hold a few of the largest messages, or the
+            # server drops it as a slow consumer (the default is 64 MB).
+            f"max_pending: {max(64 * 1024 * 1024, 4 * self.max_payload)}",
             # A worker's tensors must survive a slow consumer: allow a generous write deadline.
             'write_deadline: "10s"',
         ]

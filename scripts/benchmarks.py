@@ -18,19 +18,18 @@ import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from contextlib import ExitStack
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 import inferbus
 from inferbus.codecs import InferRequest, encode_request
 from inferbus.engines import create_engine
-from scripts.bench import harness
+from scripts.bench import harness, large, models
+from scripts.bench.models import Figure
 from scripts.bench.sim_gpu_engine import BATCH_SECONDS
 
 ROOT = harness.ROOT
@@ -44,31 +43,12 @@ def inferbus_server_pid(url: str) -> int:
     return SERVER_PIDS[url]
 
 
-@dataclass(frozen=True, slots=True)
-class Figure:
-    name: str
-    measured: str
-    baseline: str
-    ratio: float
-    target: str
-    met: bool
-
-
 # --- the model repository these benchmarks serve -------------------------------------------------
 
 
 def build_repository(folder: Path) -> Path:
-    identity = folder / "identity"
-    identity.mkdir()
-    spec_in = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 256])
-    spec_out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 256])
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])], "id", [spec_in], [spec_out]
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, identity / "model.onnx")
-    (identity / "config.toml").write_text("max_batch_size = 64\n")
+    models.identity(folder / "identity", TensorProto.FLOAT, [256], "max_batch_size = 64\n")
+    large.add_models(folder)
     sim = folder / "simgpu"
     sim.mkdir()
     shutil.copy(ROOT / "scripts/bench/sim_gpu_engine.py", sim / "sim_gpu_engine.py")
@@ -212,6 +192,8 @@ BENCHMARKS: dict[str, Callable[[str, Path], Coroutine[Any, Any, list[Figure]]]] 
     "overhead": overhead_and_throughput,
     "bulk": bulk,
     "batching": batching,
+    "codecs": large.codecs,
+    "large": large.large_tensors,
 }
 
 
@@ -233,7 +215,7 @@ def markdown(figures: list[Figure]) -> str:
         lines.append(
             f"| {f.name} | {f.measured} | {f.baseline} | {f.ratio:.2f}x | {f.target} | {met} |"
         )
-    lines += cpu_table() + VERDICT
+    lines += cpu_table() + large.wire_table() + VERDICT
     return "\n".join(lines) + "\n"
 
 

@@ -97,7 +97,7 @@ def test_defaults_when_keys_absent(tmp_path: Path) -> None:
         max_request_bytes=DEFAULT_MAX_REQUEST_BYTES,
         description="",
     )
-    assert DEFAULT_MAX_REQUEST_BYTES == 64 * 1024 * 1024
+    assert DEFAULT_MAX_REQUEST_BYTES == 512 * 1024 * 1024
     assert config.path == folder.resolve() / "model.onnx"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import lz4.frame
@@ -13,16 +14,18 @@ from inferbus.codecs.base import decoded_size, register
 from inferbus.errors import BadInput, PayloadTooLarge
 
 
-def _expected(datatype: str, shape: tuple[int, ...], limit: int) -> tuple[int, int]:
-    """(exact size, or -1 for BYTES; the most the decompressor may produce)."""
-    size = decoded_size(datatype, shape, limit)
-    return size, (size if size >= 0 else limit)
+def _plain_size(declared: int, size: int, limit: int, name: str) -> int:
+    """Check a frame's declared content size before anything is decompressed.
 
-
-def _checked(data: bytes, size: int, name: str) -> memoryview:
-    if size >= 0 and len(data) != size:
-        raise BadInput(f"{name} data decompresses to {len(data)} bytes, not {size}")
-    return memoryview(data)
+    ``size`` is what the shape needs (-1 for BYTES, whose size only the frame knows).
+    """
+    if declared < 0:
+        raise BadInput(f"{name} frames must declare their content size")
+    if size >= 0 and declared != size:
+        raise BadInput(f"{name} frame holds {declared} bytes; the shape needs {size}")
+    if declared > limit:
+        raise PayloadTooLarge(f"{name} frame declares {declared} bytes; the limit is {limit}")
+    return declared
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,18 +46,17 @@ class Zstd:
     def decode(
         self, data: memoryview, datatype: str, shape: tuple[int, ...], limit: int
     ) -> np.ndarray:
-        size, most = _expected(datatype, shape, limit)
+        shaped = decoded_size(datatype, shape, limit)  # 413 before the data is looked at
         try:
-            declared = zstandard.frame_content_size(data)
+            size = _plain_size(zstandard.frame_content_size(data), shaped, limit, "zstd")
+            plain = zstandard.ZstdDecompressor().decompress(
+                data, max_output_size=size, allow_extra_data=False
+            )
         except zstandard.ZstdError as exc:
             raise BadInput(f"zstd: {exc}") from exc
-        if declared > most:  # checked before the decompressor allocates it
-            raise PayloadTooLarge(f"zstd frame declares {declared} bytes; at most {most} allowed")
-        try:
-            plain = zstandard.ZstdDecompressor().decompress(data, max_output_size=most)
-        except zstandard.ZstdError as exc:
-            raise BadInput(f"zstd: {exc}") from exc
-        return raw.decode(_checked(plain, size, "zstd"), datatype, shape)
+        if len(plain) != size:
+            raise BadInput(f"zstd frame decompresses to {len(plain)} bytes, not {size}")
+        return raw.decode(memoryview(plain), datatype, shape)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,18 +74,23 @@ class Lz4:
     def decode(
         self, data: memoryview, datatype: str, shape: tuple[int, ...], limit: int
     ) -> np.ndarray:
-        size, most = _expected(datatype, shape, limit)
-        decompressor = lz4.frame.LZ4FrameDecompressor()
+        shaped = decoded_size(datatype, shape, limit)  # 413 before the data is looked at
+        compressed = bytes(data)
         try:
-            # One byte more than allowed tells "too large" from "exactly the limit".
-            plain = decompressor.decompress(bytes(data), max_length=most + 1)
+            stored = lz4.frame.get_frame_info(compressed)["content_size"]
         except RuntimeError as exc:  # lz4 reports corrupt frames as RuntimeError
             raise BadInput(f"lz4: {exc}") from exc
-        if len(plain) > most:
-            raise PayloadTooLarge(f"lz4 data decompresses past {most} bytes")
-        if not decompressor.eof:
-            raise BadInput("lz4 frame is truncated")
-        return raw.decode(_checked(plain, size, "lz4"), datatype, shape)
+        # lz4 writes 0 both for "not stored" and for an empty tensor; the shape tells which.
+        declared = stored if stored or not math.prod(shape) else -1
+        size = _plain_size(declared, shaped, limit, "lz4")
+        decompressor = lz4.frame.LZ4FrameDecompressor()
+        try:
+            plain = decompressor.decompress(compressed, max_length=size)
+        except RuntimeError as exc:
+            raise BadInput(f"lz4: {exc}") from exc
+        if not decompressor.eof or decompressor.unused_data or len(plain) != size:
+            raise BadInput("lz4 frame is truncated, longer than declared, or followed by data")
+        return raw.decode(memoryview(plain), datatype, shape)
 
 
 ZSTD = register(Zstd())

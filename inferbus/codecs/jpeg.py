@@ -1,7 +1,7 @@
 """jpeg: uint8 images (HWC or NHWC, 1 or 3 channels) as JPEG, via libjpeg-turbo (simplejpeg).
 
 Wire layout: for each image, a 4-byte little-endian length and that many bytes of JPEG.
-Lossy: the usual JPEG error, about 1-3 grey levels on natural images at quality 90.
+Lossy: the usual JPEG error, a mean of about 4-6 grey levels on photographs at quality 75.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from inferbus.errors import BadInput
 
 _LENGTH = struct.Struct("<I")
 _COLORSPACE = {1: "GRAY", 3: "RGB"}
+MAX_SIDE = 65500  # libjpeg-turbo's limit
 
 
 def _images(shape: tuple[int, ...]) -> int:
@@ -25,7 +26,7 @@ def _images(shape: tuple[int, ...]) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Jpeg:
-    quality: int = 90
+    quality: int = 75  # libjpeg's own default: ~12x smaller than raw on photographs
 
     def __post_init__(self) -> None:
         if not 1 <= self.quality <= 100:
@@ -41,6 +42,8 @@ class Jpeg:
                 f"the jpeg codec carries UINT8 images shaped [H, W, C] or [N, H, W, C] with "
                 f"C = 1 or 3, not {datatype} {list(shape)}"
             )
+        if not all(1 <= side <= MAX_SIDE for side in shape[-3:-1]):
+            raise BadInput(f"JPEG images are 1 to {MAX_SIDE} pixels a side, not {list(shape)}")
 
     def encode(self, array: np.ndarray, datatype: str) -> bytes:
         self.check(datatype, array.shape)

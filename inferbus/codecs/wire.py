@@ -10,6 +10,7 @@ order the JSON lists them. docs/PROTOCOL.md is the normative description.
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,15 +20,16 @@ import numpy as np
 import orjson
 
 from inferbus.codecs import compress, fp16, jpeg, raw  # noqa: F401  (each registers its codec)
-from inferbus.codecs._datatypes import DATATYPES, datatype_of
+from inferbus.codecs._datatypes import BYTES, DATATYPES, datatype_of
 from inferbus.codecs.base import RAW, Choices, Codec, codec_for, get_codec
-from inferbus.errors import BadInput
+from inferbus.errors import BadInput, PayloadTooLarge
 
 _PREFIX: Final = struct.Struct("<I")
 MAX_RANK: Final = 32
 MAX_ELEMENTS: Final = 2**48  # far past any body NATS can carry
 # What a decoder may allocate unless told otherwise: workers pass their model's limit.
 DEFAULT_DECODE_LIMIT: Final = 1 << 30
+BYTES_ELEMENT_COST: Final = 48  # what one bytes object costs in memory, beyond its content
 
 Tensors = Mapping[str, np.ndarray]
 
@@ -202,15 +204,30 @@ def _read_tensors(
             raise BadInput(f"tensor {entry.name!r} appears twice")
         end = offset + entry.size
         chunk = data[offset:end]
+        if entry.datatype == BYTES:
+            # One Python object per element: charged before any is made.
+            limit -= _charge(math.prod(entry.shape) * BYTES_ELEMENT_COST, limit, entry.name)
         if entry.codec is None:
             tensors[entry.name] = raw.decode(chunk, entry.datatype, entry.shape)
         else:
             # Decoding allocates: the whole request's tensors share one budget.
             array = entry.codec.decode(chunk, entry.datatype, entry.shape, limit)
             tensors[entry.name] = array
-            limit -= array.nbytes
+            limit -= _charge(_plain_bytes(array), limit, entry.name)
         offset = end
     return tensors
+
+
+def _charge(cost: int, limit: int, name: str) -> int:
+    if cost > limit:
+        raise PayloadTooLarge(f"tensor {name!r} needs {cost} bytes decoded; {limit} remain")
+    return cost
+
+
+def _plain_bytes(array: np.ndarray) -> int:
+    if array.dtype == object:
+        return sum(len(value) for value in array.flat)
+    return int(array.nbytes)
 
 
 def _tensor_entry(entry: object, key: str, index: int) -> _TensorEntry:

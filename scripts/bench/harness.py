@@ -39,10 +39,11 @@ def process(*command: str, ready: str = "ready") -> Iterator[subprocess.Popen[st
 
 
 def worker(
-    url: str, repo: Path, model: str
+    url: str, repo: Path, *models: str
 ) -> contextlib.AbstractContextManager[subprocess.Popen[str]]:
+    flags = [arg for model in models for arg in ("--model", model)]
     return process(
-        "-m", "inferbus", "--log-level", "WARNING", "worker", str(repo), "--model", model,
+        "-m", "inferbus", "--log-level", "WARNING", "worker", str(repo), *flags,
         "--servers", url, ready="worker ready",
     )  # fmt: skip
 
