@@ -78,6 +78,13 @@ class EmbeddedServer:
         """The server's process id while it runs."""
         return self._process.pid if self._process is not None else None
 
+    def log_text(self) -> str:
+        """What the server has logged so far (empty once it is stopped)."""
+        if self._workdir is None:
+            return ""
+        log = Path(self._workdir.name) / "nats-server.log"
+        return log.read_text(errors="replace") if log.exists() else ""
+
     def config_text(self) -> str:
         lines = [
             f'listen: "{self.host}:{self.port}"',

@@ -21,6 +21,8 @@ EXAMPLE_MODELS = ROOT / "examples" / "models"
 def nats_server() -> Iterator[inferbus.EmbeddedServer]:
     with inferbus.EmbeddedServer() as server:
         yield server
+        # pytest shows this only when the test failed: the server's view of what happened.
+        print(f"--- nats-server log ({server.url}) ---\n{server.log_text()}")
 
 
 def worker_options(server: inferbus.EmbeddedServer) -> ConnectOptions:

@@ -137,4 +137,4 @@ async def test_worker_killed_midway_fails_fast_and_leaks_nothing(
             await call
         assert time.monotonic() - started < transfer.CHUNK_ACK_S + 3
         assert len(client.nats._subs) == subscriptions
-    process.wait()
+    process.communicate()  # reaps it and closes its pipe
