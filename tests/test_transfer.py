@@ -105,7 +105,7 @@ async def test_an_abandoned_transfer_is_freed(
     body = encode_request(InferRequest("x", blob(2)))
     answer = await raw_small.request(
         "inferbus.infer.big",
-        offer_body(len(body), 1000, 0.3, "nowhere"),
+        offer_body(len(body), 64 * 1024, 0.3, "nowhere"),
         headers=headers,
         timeout=5,
     )
@@ -138,3 +138,24 @@ async def test_worker_killed_midway_fails_fast_and_leaks_nothing(
         assert time.monotonic() - started < transfer.CHUNK_ACK_S + 3
         assert len(client.nats._subs) == subscriptions
     process.communicate()  # reaps it and closes its pipe
+
+
+@pytest.mark.usefixtures("big_worker")
+@pytest.mark.parametrize(
+    ("size", "chunk", "reply", "message"),
+    [
+        (1 << 20, 16, "inbox", "at least 4096 bytes"),
+        (1 << 20, 1 << 16, "", "must name its reply subject"),
+    ],
+)
+async def test_unusable_offers_are_refused(
+    raw_small: NatsClient, size: int, chunk: int, reply: str, message: str
+) -> None:
+    headers = {transfer.TRANSFER_HEADER: transfer.OFFER}
+    answer = await raw_small.request(
+        "inferbus.infer.big", offer_body(size, chunk, 5.0, reply), headers=headers, timeout=5
+    )
+    assert answer.headers is not None
+    assert answer.headers["Nats-Service-Error-Code"] == "400"
+    assert message in answer.headers["Nats-Service-Error"]
+    assert transfer.Receiver.active == 0

@@ -13,7 +13,7 @@ from typing import Final, Protocol
 
 import numpy as np
 
-from inferbus.codecs._datatypes import BYTES, numpy_dtype
+from inferbus.codecs._datatypes import numpy_dtype
 from inferbus.errors import BadInput, PayloadTooLarge
 
 
@@ -82,8 +82,3 @@ def codec_for(choices: Choices, tensor: str) -> Codec | None:
         choice = choices.get(tensor)
         return None if choice is None else resolve(choice)
     return resolve(choices)
-
-
-def check_fixed_size(datatype: str, codec: str) -> None:
-    if datatype == BYTES:
-        raise BadInput(f"the {codec} codec carries numeric tensors, not BYTES")

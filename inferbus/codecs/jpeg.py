@@ -91,6 +91,8 @@ class Jpeg:
                                f"{target.shape[0]}x{target.shape[1]}")  # fmt: skip
             colorspace = _COLORSPACE[target.shape[2]]
             simplejpeg.decode_jpeg(image, colorspace, buffer=target)
+        except BadInput:
+            raise
         except ValueError as exc:  # simplejpeg reports corrupt data as ValueError
             raise BadInput(f"jpeg: {exc}") from exc
         return end

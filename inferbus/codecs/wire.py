@@ -96,11 +96,7 @@ def decode_request(body: bytes | bytearray, limit: int = DEFAULT_DECODE_LIMIT) -
         timeout = parameters.get("timeout")
         if timeout is not None and (type(timeout) is not int or timeout < 0):
             raise BadInput("parameters.timeout must be a non-negative integer (microseconds)")
-        reply_codec = parameters.get("reply_codec")
-        if reply_codec is not None:
-            reply_codec = get_codec(
-                reply_codec if type(reply_codec) is str else repr(reply_codec)
-            ).name
+        reply_codec = _reply_codec(parameters.get("reply_codec"))
     outputs = header.get("outputs")
     return InferRequest(
         id=_request_id(header),

@@ -211,7 +211,8 @@ class ServedModel:
     async def accept_transfer(self, msg: Msg, record: EndpointRecord) -> None:
         """An offer of a request too large for one message: receive it, then admit it."""
         try:
-            receiver = await Receiver.accept(self._client(), msg, self.config.max_request_bytes)
+            limit = self.config.max_request_bytes
+            receiver = await Receiver.accept(self._client(), msg, limit, needs_reply=True)
         except RequestError as exc:  # already answered to the sender
             self.stats.request_done(exc.code)
             return

@@ -4,8 +4,8 @@ The sender offers the body (a small message carrying the ``Inferbus-Transfer: of
 and a JSON description) on the normal subject; the receiver checks the size against its
 limit, allocates once, subscribes a private subject and answers with it; the sender then
 requests each chunk there (``Inferbus-Chunk: <index> <crc32>``), a window of them in flight,
-and every chunk is acknowledged. A receiver that hears nothing for its time limit abandons the
-transfer and frees it. The same code carries requests (client → worker) and replies.
+and every chunk is acknowledged. A receiver whose transfer is not complete within the offer's
+time limit abandons it and frees it. The same code carries requests (client → worker) and replies.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ MAX_CHUNK: Final = 4 * 1024 * 1024
 HEADROOM: Final = 4096  # the PUB line and chunk header must fit beside the chunk
 MAX_TRANSFER_S: Final = 120.0
 CHUNK_ACK_S: Final = 5.0  # a 4 MiB chunk takes well under 0.1 s here
+MIN_CHUNK: Final = 4096  # bounds the bookkeeping a receiver keeps per offer
 
 
 class NobodyTook(Unavailable):
@@ -77,7 +78,7 @@ class Offer:
             "size": self.size,
             "chunk_size": self.chunk_size,
             "chunks": self.chunks,
-            "timeout_ms": int(self.timeout_s * 1e3),
+            "timeout_ms": max(1, int(self.timeout_s * 1e3)),
         }
         if self.reply:
             fields["reply"] = self.reply
@@ -93,6 +94,8 @@ class Offer:
             raise BadInput("transfer offer needs positive integer size, chunk_size, timeout_ms")
         if type(reply) is not str or fields.get("chunks") != math.ceil(size / chunk):  # type: ignore[operator]
             raise BadInput("transfer offer is inconsistent")
+        if chunk < MIN_CHUNK and chunk < size:  # type: ignore[operator]
+            raise BadInput(f"transfer chunks must be at least {MIN_CHUNK} bytes")
         return cls(size, chunk, min(timeout_ms / 1e3, MAX_TRANSFER_S), reply)  # type: ignore[arg-type, operator]
 
 
@@ -187,12 +190,19 @@ class Receiver:
         self._subscription: Subscription | None = None
 
     @classmethod
-    async def accept(cls, client: NatsClient, msg: Msg, limit: int) -> Receiver:
-        """Answer an offer: refuse it (413, 400) or open a private subject for its chunks."""
+    async def accept(
+        cls, client: NatsClient, msg: Msg, limit: int, *, needs_reply: bool = False
+    ) -> Receiver:
+        """Answer an offer: refuse it (413, 400) or open a private subject for its chunks.
+
+        ``needs_reply``: a request must say where its response goes.
+        """
         try:
             offer = Offer.parse(msg.data)
             if offer.size > limit:
                 raise PayloadTooLarge(f"transfer of {offer.size} bytes exceeds the limit {limit}")
+            if needs_reply and not offer.reply:
+                raise BadInput("a request sent in chunks must name its reply subject")
         except RequestError as exc:
             await _answer_error(client, msg.reply, exc)
             raise
@@ -218,12 +228,14 @@ class Receiver:
 
     def _store(self, msg: Msg) -> int:
         index_text, _, crc_text = (msg.headers or {}).get(CHUNK_HEADER, "").partition(" ")
-        if not (index_text.isdigit() and crc_text.isdigit()):
+        if not all(text.isascii() and text.isdigit() for text in (index_text, crc_text)):
             raise BadInput(f"chunk lacks a valid {CHUNK_HEADER} header")
         index = int(index_text)
+        if index >= self.offer.chunks:
+            raise BadInput(f"chunk {index} is past the last one ({self.offer.chunks - 1})")
         start = index * self.offer.chunk_size
         expected = min(self.offer.chunk_size, self.offer.size - start)
-        if index >= self.offer.chunks or len(msg.data) != expected:
+        if len(msg.data) != expected:
             raise BadInput(f"chunk {index} has {len(msg.data)} bytes; expected {expected}")
         if zlib.crc32(msg.data) != int(crc_text):
             raise BadInput(f"chunk {index} fails its checksum")

@@ -173,7 +173,10 @@ class Client(AsyncResource):
         except RequestError as exc:
             exc.model = model
             raise
-        return await receiver.wait()
+        try:
+            return await asyncio.wait_for(receiver.wait(), max(timeout, 0.001))
+        except TimeoutError:
+            raise DeadlineExceeded(f"the reply did not arrive within {timeout:g}s") from None
 
     async def _request(self, subject: str, body: bytes, timeout: float, model: str) -> Msg:
         try:
