@@ -36,25 +36,12 @@ from inferbus.codecs.compress import Zstd
 from inferbus.codecs.jpeg import Jpeg
 from inferbus.codecs.raw import Raw
 from inferbus.errors import BadInput, PayloadTooLarge
+from tests._datatypes import NUMERIC
 
 Array = npt.NDArray[Any]
 
 KNOWN_CODECS = ("fp16", "jpeg", "lz4", "raw", "zstd")
 LOSSLESS = ("raw", "zstd", "lz4")
-NUMERIC: dict[str, str] = {
-    "BOOL": "?",
-    "UINT8": "<u1",
-    "UINT16": "<u2",
-    "UINT32": "<u4",
-    "UINT64": "<u8",
-    "INT8": "<i1",
-    "INT16": "<i2",
-    "INT32": "<i4",
-    "INT64": "<i8",
-    "FP16": "<f2",
-    "FP32": "<f4",
-    "FP64": "<f8",
-}
 ALL_DATATYPES = (*NUMERIC, "BYTES")
 # Sent together in one request, so that each test also covers a multi-tensor body.
 SHAPES: dict[str, tuple[int, ...]] = {

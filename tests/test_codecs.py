@@ -28,24 +28,11 @@ from inferbus.codecs import (
 )
 from inferbus.engines.signature import Signature, TensorSpec
 from inferbus.errors import BadInput, ConfigError
+from tests._datatypes import NUMERIC
 
 Array = npt.NDArray[Any]
 Decoder = Callable[[bytes], object]
 
-NUMERIC: dict[str, str] = {
-    "BOOL": "?",
-    "UINT8": "<u1",
-    "UINT16": "<u2",
-    "UINT32": "<u4",
-    "UINT64": "<u8",
-    "INT8": "<i1",
-    "INT16": "<i2",
-    "INT32": "<i4",
-    "INT64": "<i8",
-    "FP16": "<f2",
-    "FP32": "<f4",
-    "FP64": "<f8",
-}
 
 SHAPES: dict[str, tuple[int, ...]] = {
     "scalar": (),
