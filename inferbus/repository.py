@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
@@ -41,6 +41,11 @@ class ModelConfig:
     preferred_batch_sizes: tuple[int, ...] = ()
     execution: str = "auto"
     description: str = ""
+    #: backend-specific settings, from the config's [options] table
+    options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    #: a declared signature, for backends whose files do not carry one (torch)
+    inputs: tuple[Mapping[str, Any], ...] = ()
+    outputs: tuple[Mapping[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if not NAME_PATTERN.fullmatch(self.name):
@@ -92,6 +97,9 @@ _TYPES: Final[Mapping[str, tuple[type, ...]]] = {
     "max_queue_size": (int,),
     "preferred_batch_sizes": (list,),
     "execution": (str,),
+    "options": (dict,),
+    "inputs": (list,),
+    "outputs": (list,),
     "description": (str,),
 }
 
@@ -108,8 +116,9 @@ def load_model_config(directory: Path) -> ModelConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     _check_keys(path, raw)
-    if "preferred_batch_sizes" in raw:
-        raw["preferred_batch_sizes"] = tuple(raw["preferred_batch_sizes"])
+    for key in ("preferred_batch_sizes", "inputs", "outputs"):
+        if key in raw:
+            raw[key] = tuple(raw[key])
     config = ModelConfig(directory=directory.resolve(), **{"name": directory.name, **raw})
     if not config.path.is_file():
         raise ConfigError(f"{path}: model file {config.file!r} not found in {directory}")
