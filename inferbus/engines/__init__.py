@@ -10,10 +10,14 @@ from typing import Final
 from inferbus.engines.base import Engine, Tensors
 from inferbus.engines.onnxruntime import OnnxRuntimeEngine
 from inferbus.engines.signature import Signature, TensorSpec
+from inferbus.engines.torch import TorchEngine
 from inferbus.errors import ConfigError
 from inferbus.repository import ModelConfig
 
-BACKENDS: Final[dict[str, type[Engine]]] = {OnnxRuntimeEngine.backend: OnnxRuntimeEngine}
+BACKENDS: Final[dict[str, type[Engine]]] = {
+    OnnxRuntimeEngine.backend: OnnxRuntimeEngine,
+    TorchEngine.backend: TorchEngine,  # imports torch only when a model asks for it
+}
 
 __all__ = [
     "BACKENDS",
@@ -22,6 +26,7 @@ __all__ = [
     "Signature",
     "TensorSpec",
     "Tensors",
+    "TorchEngine",
     "create_engine",
 ]
 

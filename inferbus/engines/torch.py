@@ -1,0 +1,121 @@
+"""The PyTorch backend (extra ``[torch]``): a ``torch.export`` program (.pt2) or TorchScript
+file (.pt), on CUDA when present, else the CPU.
+
+Neither format records tensor names reliably, so the config declares the signature:
+``inputs``/``outputs`` lists of ``{name, datatype, shape}``; inputs are passed to the module
+positionally in that order, and its outputs (a tensor, a tuple or a dict) are named by it.
+On CUDA each instance owns a stream and copies inputs through pinned host memory (checked on
+GPU machines by scripts/gpu_check.py; this machine has no GPU).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from inferbus.codecs import BYTES
+from inferbus.engines.base import Engine, Tensors
+from inferbus.engines.signature import Signature, TensorSpec
+from inferbus.errors import ConfigError, EngineFailure
+
+
+def declared_signature(inputs: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, Any]],
+                       where: str) -> Signature:  # fmt: skip
+    """The ``inputs``/``outputs`` a config declares, checked."""
+    if not inputs or not outputs:
+        raise ConfigError(f"{where}: declare `inputs` and `outputs` ({{name, datatype, shape}})")
+    try:
+        signature = Signature(
+            tuple(TensorSpec.from_dict(spec) for spec in inputs),
+            tuple(TensorSpec.from_dict(spec) for spec in outputs),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: each tensor needs name, datatype and shape ({exc})") from exc
+    if any(spec.datatype == BYTES for spec in (*signature.inputs, *signature.outputs)):
+        raise ConfigError(f"{where}: torch tensors cannot hold BYTES")
+    return signature
+
+
+class TorchEngine(Engine):
+    backend = "torch"
+
+    def load(self) -> None:
+        try:
+            import torch
+        except ImportError as exc:
+            raise ConfigError(
+                "the torch engine needs PyTorch: pip install 'inferbus[torch]'"
+            ) from exc
+        self._torch = torch
+        self.signature = declared_signature(self.config.inputs, self.config.outputs,
+                                            str(self.config.directory / "config.toml"))  # fmt: skip
+        self._cuda = torch.cuda.is_available()
+        self.device = "cuda" if self._cuda else "cpu"
+        if not self._cuda:  # instances share the cores instead of each claiming all of them
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.config.instances))
+        self._module = self._load_module(torch)
+        self._stream = torch.cuda.Stream() if self._cuda else None  # type: ignore[no-untyped-call]
+
+    def _load_module(self, torch: Any) -> Any:
+        path = self.config.path
+        try:
+            if path.suffix == ".pt2":
+                module = torch.export.load(str(path)).module()
+            else:
+                module = torch.jit.load(str(path), map_location=self.device)
+                module.eval()
+        except Exception as exc:  # torch raises many types for a bad file
+            raise ConfigError(f"{path}: torch cannot load it: {exc}") from exc
+        return module.to(self.device)
+
+    def infer(self, batch: Tensors) -> Tensors:
+        torch = self._torch
+        try:
+            with torch.inference_mode():
+                if self._stream is None:
+                    result = self._module(*self._inputs(batch))
+                    return self._outputs(result)
+                with torch.cuda.stream(self._stream):
+                    result = self._module(*self._inputs(batch))
+                    outputs = self._outputs(result)
+                self._stream.synchronize()
+                return outputs
+        except EngineFailure:
+            raise
+        except Exception as exc:  # translated once, here: callers see EngineFailure only
+            raise EngineFailure(
+                f"torch: {type(exc).__name__}: {exc}", model=self.config.name
+            ) from exc
+
+    def _inputs(self, batch: Tensors) -> list[Any]:
+        torch = self._torch
+        tensors = []
+        with warnings.catch_warnings():
+            # Decoded inputs are read-only views of the message; inference never writes them.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            for spec in self.signature.inputs:
+                tensor = torch.from_numpy(np.asarray(batch[spec.name]))
+                if self._cuda:  # pinned memory lets the copy overlap on this instance's stream
+                    tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+                tensors.append(tensor)
+        return tensors
+
+    def _outputs(self, result: Any) -> dict[str, np.ndarray]:
+        names = [spec.name for spec in self.signature.outputs]
+        if isinstance(result, Mapping):
+            values = [result[name] for name in names]
+        elif isinstance(result, tuple | list):
+            values = list(result)
+        else:
+            values = [result]
+        if len(values) != len(names):
+            raise EngineFailure(
+                f"the module returned {len(values)} outputs; the config names {names}"
+            )
+        return {
+            name: value.detach().cpu().numpy() for name, value in zip(names, values, strict=True)
+        }
