@@ -234,6 +234,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_async(_bench(args))
 
 
+def cmd_build(args: argparse.Namespace) -> int:
+    from inferbus.engines.tensorrt.build import ensure_plan
+    from inferbus.repository import load_model_config
+
+    config = load_model_config(args.model_dir)
+    plan = ensure_plan(config, build=True)
+    print(f"{config.name} v{config.version}: TensorRT plan ready ({len(plan):,} bytes)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from inferbus._demo import run_demo
 
@@ -297,6 +307,7 @@ def _commands() -> list[tuple[str, Callable[[argparse.Namespace], int], str, Con
         ("models", cmd_models, "list the models served, with signatures", _models_args, True),
         ("infer", cmd_infer, "send one request and print the outputs", _infer_args, True),
         ("bench", cmd_bench, "latency and throughput under load", _bench_args, True),
+        ("build", cmd_build, "build (or find) a model's TensorRT plan", _build_args, False),
         ("demo", cmd_demo, "server, worker and the digits app", _demo_args, False),
     ]  # fmt: skip
 
@@ -364,6 +375,15 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-windows", type=int, default=10, help="give up on stability after")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--csv", type=Path, help="also write the results as CSV here")
+
+
+def _build_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_dir", type=Path, metavar="REPO/MODEL", help="a model folder")
+    parser.epilog = (
+        "Needs TensorRT and an NVIDIA GPU. Plans are cached in the model folder's .plans/ "
+        "under a key of the ONNX file, TensorRT version, GPU and build settings; builders "
+        "that race take turns."
+    )
 
 
 def _demo_args(parser: argparse.ArgumentParser) -> None:

@@ -103,7 +103,9 @@ def test_readme_python_blocks_run(nats_server: inferbus.EmbeddedServer) -> None:
             assert result.returncode == 0, f"{block}\n{result.stderr}"
 
 
-@pytest.mark.parametrize("command", ["", "server", "worker", "up", "models", "infer", "demo"])
+@pytest.mark.parametrize(
+    "command", ["", "server", "worker", "up", "models", "infer", "bench", "build", "demo"]
+)
 def test_every_command_explains_itself(command: str) -> None:
     result = run_cli(*([command] if command else []), "--help")
     assert result.returncode == 0

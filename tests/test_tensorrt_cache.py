@@ -5,6 +5,7 @@ None of this needs TensorRT or a GPU; the engine that uses it is checked on GPU 
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ def test_the_key_changes_with_each_input_and_only_with_them() -> None:
         cache_key("a" * 64, Target("11.0.0", H100.gpu_name, (9, 0)), settings),
         cache_key("a" * 64, Target("10.13.0", "NVIDIA H200", (9, 0)), settings),
         cache_key("a" * 64, Target("10.13.0", H100.gpu_name, (8, 9)), settings),
-        cache_key("a" * 64, H100, BuildSettings(max_batch=32, opt_batch=8, fp16=True)),
+        cache_key("a" * 64, H100, BuildSettings(max_batch=32, opt_batch=8, workspace_mib=2048)),
         cache_key("a" * 64, H100, BuildSettings(max_batch=64, opt_batch=8)),
     ]
     assert len({key, *variants}) == 7
@@ -84,15 +85,15 @@ def test_write_atomically_replaces_whole_files_and_leaves_no_litter(tmp_path: Pa
 
 
 def test_settings_come_from_the_config() -> None:
-    settings = settings_for(64, {"opt_batch_size": 16, "fp16": True})
+    settings = settings_for(64, {"opt_batch_size": 16, "workspace_mib": 512})
     assert (settings.min_batch, settings.opt_batch, settings.max_batch) == (1, 16, 64)
-    assert settings.fp16
+    assert settings.workspace_mib == 512
     with pytest.raises(inferbus.ConfigError, match="unknown TensorRT options"):
-        settings_for(64, {"fp61": True})
+        settings_for(64, {"fp16": True})  # precision comes from the ONNX file
     with pytest.raises(inferbus.ConfigError, match="min <= opt <= max"):
         settings_for(8, {"opt_batch_size": 16})
     with pytest.raises(inferbus.ConfigError, match="integers"):
-        settings_for(8, {"fp16": "yes"})
+        settings_for(8, {"workspace_mib": "lots"})
 
 
 def test_profile_shapes_from_the_signature() -> None:
@@ -108,3 +109,21 @@ def test_profile_shapes_from_the_signature() -> None:
     assert fixed.min == fixed.max == (2, 2)
     with pytest.raises(inferbus.ConfigError, match="free dimensions beyond the batch"):
         profile_for(TensorSpec("text", "INT64", (-1, -1)), settings)
+
+
+def test_without_tensorrt_the_engine_says_what_to_install() -> None:
+    """On machines without TensorRT (this one), a tensorrt model fails to load clearly."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("TensorRT is installed here: the GPU check exercises the engine instead")
+    from inferbus.engines import create_engine
+    from tests.conftest import EXAMPLE_MODELS
+
+    config = dataclasses.replace(
+        inferbus.load_model_config(EXAMPLE_MODELS / "digits"), engine="tensorrt"
+    )
+    with pytest.raises(inferbus.ConfigError, match=r"pip install 'inferbus\[tensorrt\]'"):
+        create_engine(config).load()

@@ -10,6 +10,7 @@ from typing import Final
 from inferbus.engines.base import Engine, Tensors
 from inferbus.engines.onnxruntime import OnnxRuntimeEngine
 from inferbus.engines.signature import Signature, TensorSpec
+from inferbus.engines.tensorrt.engine import TensorRTEngine
 from inferbus.engines.torch import TorchEngine
 from inferbus.errors import ConfigError
 from inferbus.repository import ModelConfig
@@ -17,6 +18,7 @@ from inferbus.repository import ModelConfig
 BACKENDS: Final[dict[str, type[Engine]]] = {
     OnnxRuntimeEngine.backend: OnnxRuntimeEngine,
     TorchEngine.backend: TorchEngine,  # imports torch only when a model asks for it
+    TensorRTEngine.backend: TensorRTEngine,  # GPU nodes with TensorRT only
 }
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "Engine",
     "OnnxRuntimeEngine",
     "Signature",
+    "TensorRTEngine",
     "TensorSpec",
     "Tensors",
     "TorchEngine",

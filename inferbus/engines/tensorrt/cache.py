@@ -13,7 +13,7 @@ import fcntl
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +29,6 @@ class BuildSettings:
     min_batch: int = 1
     opt_batch: int = 1
     max_batch: int = 1
-    fp16: bool = False
     workspace_mib: int = 1024
     optimization_level: int = 3
 
@@ -100,29 +99,23 @@ def write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def settings_for(max_batch_size: int, options: dict[str, object]) -> BuildSettings:
+def settings_for(max_batch_size: int, options: Mapping[str, object]) -> BuildSettings:
     """Build settings from a model config: max batch from ``max_batch_size``, the rest from
-    its ``[options]`` table (``opt_batch_size``, ``fp16``, ``workspace_mib``,
-    ``optimization_level``)."""
-    known = {"opt_batch_size", "fp16", "workspace_mib", "optimization_level", "on_cache_miss"}
+    its ``[options]`` table (``opt_batch_size``, ``workspace_mib``, ``optimization_level``).
+    Precision is the ONNX file's: networks are strongly typed (export in FP16 for FP16)."""
+    known = {"opt_batch_size", "workspace_mib", "optimization_level", "on_cache_miss"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ConfigError(f"unknown TensorRT options {unknown}; known: {sorted(known)}")
     opt = options.get("opt_batch_size", max_batch_size)
-    fp16 = options.get("fp16", False)
     workspace = options.get("workspace_mib", 1024)
     level = options.get("optimization_level", 3)
-    if not (
-        type(opt) is int and type(fp16) is bool and type(workspace) is int and type(level) is int
-    ):
-        raise ConfigError(
-            "opt_batch_size, workspace_mib, optimization_level are integers; fp16 a bool"
-        )
+    if not (type(opt) is int and type(workspace) is int and type(level) is int):
+        raise ConfigError("opt_batch_size, workspace_mib and optimization_level are integers")
     return BuildSettings(
         min_batch=1,
         opt_batch=opt,
         max_batch=max_batch_size,
-        fp16=fp16,
         workspace_mib=workspace,
         optimization_level=level,
     )
