@@ -68,3 +68,15 @@ def test_a_file_torch_cannot_load(tmp_path: Path) -> None:
     config = dataclasses.replace(affine(), directory=tmp_path)
     with pytest.raises(inferbus.ConfigError, match="torch cannot load it"):
         create_engine(config).load()
+
+
+def test_uint8_images_are_normalised_on_the_device() -> None:
+    """The example engine: uint8 NHWC on the wire, normalised float NCHW for the network."""
+    config = inferbus.load_model_config(ROOT / "examples" / "gpu" / "image_means")
+    engine = create_engine(config)
+    engine.load()
+    assert engine.signature.inputs[0].datatype == "UINT8"
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    means = engine({"image": images})["channel_means"]
+    expected = ((images / 255.0 - 0.5) / 0.25).mean(axis=(1, 2))
+    np.testing.assert_allclose(means, expected, rtol=1e-5, atol=1e-5)

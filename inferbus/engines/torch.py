@@ -101,8 +101,13 @@ class TorchEngine(Engine):
                 tensor = torch.from_numpy(np.asarray(batch[spec.name]))
                 if self._cuda:  # pinned memory lets the copy overlap on this instance's stream
                     tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-                tensors.append(tensor)
+                tensors.append(self.prepare_on_device(spec.name, tensor))
         return tensors
+
+    def prepare_on_device(self, name: str, tensor: Any) -> Any:
+        """Node-side work on an input already on the device (e.g. uint8 → normalised float),
+        so the wire carries the compact form. The default passes it through."""
+        return tensor
 
     def _outputs(self, result: Any) -> dict[str, np.ndarray]:
         names = [spec.name for spec in self.signature.outputs]
