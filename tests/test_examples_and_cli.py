@@ -148,3 +148,18 @@ def test_demo_runs_end_to_end() -> None:
     assert "accuracy, remote  0.9" in result.stdout
     assert "360/360 predictions identical" in result.stdout
     assert "worker stopped (exit 0)" in result.stdout
+
+
+def test_gpu_check_runs_and_reports_what_it_cannot_run() -> None:
+    """On this CPU machine: the CPU engines agree with the reference; GPU rows say why not."""
+    result = subprocess.run(
+        [sys.executable, "scripts/gpu_check.py", "--seconds", "0.05"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = {line.split()[0] + " " + line.split()[1]: line for line in result.stdout.splitlines()[2:]
+            if len(line.split()) > 2}  # fmt: skip
+    assert float(rows["onnxruntime cpu"].split()[2]) == 0.0
+    assert float(rows["torch cpu"].split()[2]) < 1e-4
+    assert "tensorrt" in result.stdout
+    assert "cuda buffers:" in result.stdout

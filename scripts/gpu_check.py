@@ -1,0 +1,181 @@
+"""GPU check: every engine this machine can run vs the ONNX Runtime CPU reference, then speed.
+
+    python scripts/gpu_check.py            # < 5 minutes; prints a table
+
+Model: the digits MLP from examples/ (the same weights in every engine: the PyTorch module is
+built from the ONNX file's initializers). For each engine: the largest difference from ONNX
+Runtime on the CPU over the 360 held-out images, relative to the largest logit, and
+samples/s at batch 1, 8 and 64.
+Engines that cannot run here are listed with the reason. TensorRT's wheels are too large for
+the lent GPU machines, so there the TensorRT row says "not installed"; the CUDA buffer
+handling it relies on is checked on its own (cuda-python: pinned and device memory, copies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import inferbus
+from inferbus.engines import create_engine
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCHES = (1, 8, 64)
+Run = Callable[[np.ndarray], np.ndarray]
+
+
+def held_out() -> np.ndarray:
+    with np.load(ROOT / "examples/data/digits_heldout.npz") as data:
+        return np.ascontiguousarray(data["images"].reshape(-1, 64).astype(np.float32) / 16.0)
+
+
+def digits_config() -> inferbus.ModelConfig:
+    return inferbus.load_model_config(ROOT / "examples/models/digits")
+
+
+def onnxruntime_run(providers: list[str]) -> Run:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(digits_config().path), providers=providers)
+    return lambda x: np.asarray(session.run(["logits"], {"pixels": x})[0])
+
+
+def torch_run(device: str) -> Run:
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    weights = {
+        t.name: numpy_helper.to_array(t) for t in onnx.load(digits_config().path).graph.initializer
+    }
+    matrices = [w for w in weights.values() if w.ndim == 2]
+    biases = [w for w in weights.values() if w.ndim == 1]
+    layers: list[Any] = []
+    for index, (matrix, bias) in enumerate(zip(matrices, biases, strict=True)):
+        linear = torch.nn.Linear(*matrix.shape)
+        linear.weight.data = torch.from_numpy(matrix.T.copy())
+        linear.bias.data = torch.from_numpy(bias.copy())
+        layers += [linear] + ([torch.nn.ReLU()] if index < len(matrices) - 1 else [])
+    module = torch.nn.Sequential(*layers).to(device).eval()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = module(torch.from_numpy(x).to(device))
+            return np.asarray(out.cpu().numpy())
+
+    return run
+
+
+def tensorrt_run() -> Run:
+    config = digits_config()
+    folder = Path(tempfile.mkdtemp(prefix="inferbus-gpu-check-"))
+    (folder / "model.onnx").write_bytes(config.path.read_bytes())
+    engine = create_engine(dataclasses.replace(config, engine="tensorrt", directory=folder))
+    engine.load()
+    return lambda x: np.asarray(engine({"pixels": x})["logits"])
+
+
+def cuda_buffers() -> str:
+    """cudaMallocHost / cudaMalloc / async copies both ways / synchronize, checked."""
+    import ctypes
+
+    from inferbus.engines.tensorrt.cuda import check, cudart
+
+    cuda = cudart()
+    size = 1 << 20
+    stream = check(cuda.cudaStreamCreate(), "cudaStreamCreate")
+    host = check(cuda.cudaMallocHost(size), "cudaMallocHost")
+    device = check(cuda.cudaMalloc(size), "cudaMalloc")
+    view = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(host))
+    view[:] = np.arange(size) % 251
+    kind = cuda.cudaMemcpyKind
+    check(cuda.cudaMemcpyAsync(device, host, size, kind.cudaMemcpyHostToDevice, stream), "h2d")
+    view[:] = 0
+    check(cuda.cudaMemcpyAsync(host, device, size, kind.cudaMemcpyDeviceToHost, stream), "d2h")
+    check(cuda.cudaStreamSynchronize(stream), "sync")
+    ok = bool((view == np.arange(size) % 251).all())
+    check(cuda.cudaFree(device), "cudaFree")
+    check(cuda.cudaFreeHost(host), "cudaFreeHost")
+    check(cuda.cudaStreamDestroy(stream), "cudaStreamDestroy")
+    return "ok: 1 MiB round trip through pinned and device memory" if ok else "MISMATCH"
+
+
+def candidates() -> list[tuple[str, Callable[[], Run]]]:
+    found: list[tuple[str, Callable[[], Run]]] = [
+        ("onnxruntime cpu", lambda: onnxruntime_run(["CPUExecutionProvider"]))
+    ]
+    try:
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            found.append(("onnxruntime cuda", lambda: onnxruntime_run(["CUDAExecutionProvider"])))
+    except ImportError:
+        pass
+    found.append(("torch cpu", lambda: torch_run("cpu")))
+    found.append(("torch cuda", lambda: torch_run("cuda")))
+    found.append(("tensorrt", tensorrt_run))
+    return found
+
+
+def speed(run: Run, x: np.ndarray, batch: int, seconds: float = 2.0) -> float:
+    chunk = np.ascontiguousarray(np.resize(x, (batch, x.shape[1])))
+    run(chunk)
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        run(chunk)
+        done += batch
+    return done / (time.perf_counter() - started)
+
+
+def device_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return str(torch.cuda.get_device_name(0))
+    except ImportError:
+        pass
+    return f"no CUDA device ({platform.processor() or platform.machine()})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--seconds", type=float, default=2.0, help="timing per batch size")
+    args = parser.parse_args()
+    x = held_out()
+    reference = onnxruntime_run(["CPUExecutionProvider"])(x)
+    print(f"device: {device_name()}")
+    header = (
+        "engine".ljust(18)
+        + "max rel err".rjust(12)
+        + "".join(f"b={b} samples/s".rjust(18) for b in BATCHES)
+    )
+    print(header)
+    for name, make in candidates():
+        try:
+            run = make()
+            outputs = run(x)
+        except Exception as exc:  # a missing package or device: say so and go on
+            print(f"{name.ljust(18)}  not available: {type(exc).__name__}: {exc}"[:160])
+            continue
+        # Largest difference relative to the largest logit: robust where logits cross zero.
+        error = float(np.max(np.abs(outputs - reference)) / np.max(np.abs(reference)))
+        rates = "".join(f"{speed(run, x, b, args.seconds):>18,.0f}" for b in BATCHES)
+        print(f"{name.ljust(18)}{error:>12.2e}{rates}", flush=True)
+    try:
+        print(f"cuda buffers: {cuda_buffers()}")
+    except Exception as exc:
+        print(f"cuda buffers: not available: {type(exc).__name__}: {exc}"[:160])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
