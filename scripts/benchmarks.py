@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import shutil
 import sys
 import tempfile
@@ -194,6 +195,7 @@ BENCHMARKS: dict[str, Callable[[str, Path], Coroutine[Any, Any, list[Figure]]]] 
     "batching": batching,
     "codecs": large.codecs,
     "large": large.large_tensors,
+    "gpu": gpu_check,
 }
 
 
@@ -215,7 +217,7 @@ def markdown(figures: list[Figure]) -> str:
         lines.append(
             f"| {f.name} | {f.measured} | {f.baseline} | {f.ratio:.2f}x | {f.target} | {met} |"
         )
-    lines += cpu_table() + large.wire_table() + VERDICT
+    lines += cpu_table() + large.wire_table() + gpu_section() + VERDICT
     return "\n".join(lines) + "\n"
 
 
@@ -250,6 +252,38 @@ VERDICT = """
   framing join on the sender. A round trip also carries the worker's identity copy and the
   reply's framing.
 """.splitlines()
+
+
+GPU_CHECK: list[str] = []
+
+
+async def gpu_check(url: str, repo: Path) -> list[Figure]:
+    """Run scripts/gpu_check.py and keep what it printed for BENCHMARKS.md."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/gpu_check.py")],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    GPU_CHECK.extend((result.stdout + result.stderr).rstrip().splitlines())
+    return []
+
+
+def gpu_section() -> list[str]:
+    if not GPU_CHECK:
+        return []
+    return [
+        "",
+        "## GPU check (`scripts/gpu_check.py`)",
+        "",
+        "Each engine this machine can run vs ONNX Runtime on the CPU (error relative to the",
+        "largest logit), then samples/s. This run's machine has no GPU: no GPU machine was lent",
+        "to the task that wrote this file, so the CUDA rows say why they did not run. TensorRT's",
+        "wheels are too large for the lent GPU machines, so the TensorRT engine is only checked",
+        "around its edges (plan cache, profiles, shape checks here; CUDA buffers on a GPU).",
+        "",
+        "```",
+        *GPU_CHECK,
+        "```",
+    ]
 
 
 def cpu_table() -> list[str]:
