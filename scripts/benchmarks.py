@@ -11,9 +11,10 @@ in-process, or the ideal throughput of a simulated GPU.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
-import subprocess
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -189,6 +190,19 @@ async def batching(url: str, repo: Path) -> list[Figure]:
     ]  # fmt: skip
 
 
+GPU_CHECK: list[str] = []
+
+
+async def gpu_check(url: str, repo: Path) -> list[Figure]:
+    """Run scripts/gpu_check.py and keep what it printed for BENCHMARKS.md."""
+    command = [sys.executable, str(ROOT / "scripts/gpu_check.py")]
+    result = await asyncio.to_thread(
+        subprocess.run, command, capture_output=True, text=True, timeout=600, check=False
+    )
+    GPU_CHECK.extend((result.stdout + result.stderr).rstrip().splitlines())
+    return []
+
+
 BENCHMARKS: dict[str, Callable[[str, Path], Coroutine[Any, Any, list[Figure]]]] = {
     "overhead": overhead_and_throughput,
     "bulk": bulk,
@@ -252,19 +266,6 @@ VERDICT = """
   framing join on the sender. A round trip also carries the worker's identity copy and the
   reply's framing.
 """.splitlines()
-
-
-GPU_CHECK: list[str] = []
-
-
-async def gpu_check(url: str, repo: Path) -> list[Figure]:
-    """Run scripts/gpu_check.py and keep what it printed for BENCHMARKS.md."""
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts/gpu_check.py")],
-        capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
-    GPU_CHECK.extend((result.stdout + result.stderr).rstrip().splitlines())
-    return []
 
 
 def gpu_section() -> list[str]:
