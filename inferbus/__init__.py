@@ -21,6 +21,7 @@ from inferbus.errors import (
     Unavailable,
 )
 from inferbus.natsserver import EmbeddedServer
+from inferbus.pipeline._retry import RetryPolicy
 from inferbus.pipeline.client import Client, InferResult, connect
 from inferbus.pipeline.discovery import ModelInfo
 from inferbus.pipeline.model import Model
@@ -46,6 +47,7 @@ __all__ = [
     "Overloaded",
     "PayloadTooLarge",
     "RequestError",
+    "RetryPolicy",
     "ServerError",
     "Signature",
     "TensorSpec",

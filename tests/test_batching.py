@@ -78,11 +78,15 @@ async def test_each_caller_gets_its_own_rows_back(
     assert data["mean_batch_size"] == pytest.approx(sum(sizes) / data["execution_count"])
 
 
-async def test_queue_full_is_a_429(worker: inferbus.Worker, client: inferbus.Client) -> None:
+async def test_queue_full_is_a_429(
+    worker: inferbus.Worker, nats_server: inferbus.EmbeddedServer
+) -> None:
     x = {"x": np.zeros((1, 4), dtype=np.float32)}
-    outcomes = await asyncio.gather(
-        *(client.infer("slow", x) for _ in range(40)), return_exceptions=True
-    )
+    once = inferbus.RetryPolicy(max_attempts=1)  # see the worker's answer, not a retry
+    async with inferbus.connect(nats_server.url, retry=once) as client:
+        outcomes = await asyncio.gather(
+            *(client.infer("slow", x) for _ in range(40)), return_exceptions=True
+        )
     refused = [o for o in outcomes if isinstance(o, inferbus.Overloaded)]
     served = [o for o in outcomes if isinstance(o, inferbus.InferResult)]
     assert refused, "a queue of 16 took 40 requests"

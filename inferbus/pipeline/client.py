@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
+import logging
 import os
 import sys
 import time
@@ -34,11 +36,13 @@ from inferbus.pipeline import _transfer as transfer
 from inferbus.pipeline._connection import ConnectOptions, connect_nats, split_servers
 from inferbus.pipeline._lifecycle import AsyncResource
 from inferbus.pipeline._mapping import Chunk, pack_items, slices, unpack
+from inferbus.pipeline._retry import RetryPolicy
 from inferbus.pipeline._transfer import is_offer
 from inferbus.pipeline.discovery import ModelInfo, models_from_infos, serves, service_infos
 from inferbus.pipeline.subjects import ERROR_CODE_HEADER, infer_subject
 
 DEFAULT_TIMEOUT = 10.0
+log = logging.getLogger("inferbus.client")
 Inputs = np.ndarray | Mapping[str, np.ndarray]
 
 
@@ -50,6 +54,7 @@ class InferResult(Mapping[str, np.ndarray]):
     model_name: str
     model_version: str
     id: str = ""
+    attempts: int = 1  # how many times the client sent it (retries are within the budget)
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.outputs[name]
@@ -71,10 +76,17 @@ class InferResult(Mapping[str, np.ndarray]):
 class Client(AsyncResource):
     """A connection to an inferbus cluster. Create it with ``inferbus.connect``."""
 
-    def __init__(self, options: ConnectOptions, *, max_in_flight: int = 256) -> None:
+    def __init__(
+        self,
+        options: ConnectOptions,
+        *,
+        max_in_flight: int = 256,
+        retry: RetryPolicy | None = None,
+    ) -> None:
         if max_in_flight < 1:
             raise BadInput("max_in_flight must be >= 1")
         self.options = options
+        self.retry = retry or RetryPolicy()
         self._nats: NatsClient | None = None
         self._described: dict[tuple[str, int | None], ModelInfo] = {}
         self._subjects: dict[tuple[str, int | None], str] = {}
@@ -121,26 +133,55 @@ class Client(AsyncResource):
         """
         if timeout <= 0:
             raise BadInput("timeout must be positive")
-        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = started + timeout
         subject = self._subjects.get((model, version)) or self._subject(model, version)
         named = inputs if type(inputs) is dict else await self._named(model, version, inputs)
+        request_id = f"{self._id_prefix}{next(self._ids)}"
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                result = await self._attempt(
+                    subject, model, named, request_id, deadline, attempt,
+                    (tuple(outputs), codec, reply_codec),
+                )  # fmt: skip
+            except RequestError as exc:
+                now = time.monotonic()
+                wait = self.retry.delay(attempt)
+                if now + wait >= deadline or not self.retry.should_retry(
+                    exc, attempt, now - started
+                ):
+                    raise
+                log.info("%s: attempt %d failed (%s); retrying in %.0f ms", model, attempt, exc,
+                         wait * 1e3)  # fmt: skip
+                await asyncio.sleep(wait)
+                continue
+            return dataclasses.replace(result, attempts=attempt)
+
+    async def _attempt(
+        self,
+        subject: str,
+        model: str,
+        named: Mapping[str, np.ndarray],
+        request_id: str,
+        deadline: float,
+        attempt: int,
+        options: tuple[tuple[str, ...], Choices, str | None],
+    ) -> InferResult:
+        outputs, codec, reply_codec = options
         async with self._slots:
             # The budget is the caller's: time spent waiting for a slot comes out of it.
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise DeadlineExceeded(f"no request slot free within {timeout:g}s", model=model)
-            request = InferRequest(
-                id=f"{self._id_prefix}{next(self._ids)}",
-                inputs=named,
-                outputs=tuple(outputs),
-                timeout_us=int(remaining * 1e6),
-                reply_codec=reply_codec,
-            )
+                raise DeadlineExceeded("the time budget ran out waiting for a request slot")
+            budget = self.retry.attempt_timeout(remaining, attempt)
+            request = InferRequest(request_id, named, outputs, int(budget * 1e6), reply_codec)
             body = encode_request(request, codec)
             if len(body) > self.nats.max_payload:
-                reply = await self._request_large(subject, body, remaining, model)
+                reply = await self._request_large(subject, body, budget, model)
             else:
-                reply = await self._request(subject, body, remaining, model)
+                reply = await self._request(subject, body, budget, model)
             data: bytes | bytearray = reply.data
             if is_offer(reply):  # the reply itself is too large for one message
                 data = await self._receive(reply, deadline - time.monotonic(), model)
@@ -369,6 +410,7 @@ def connect(
     *,
     name: str = "inferbus-client",
     max_in_flight: int = 256,
+    retry: RetryPolicy | None = None,
     creds: str | None = None,
     tls_ca: str | None = None,
     tls_cert: str | None = None,
@@ -379,6 +421,8 @@ def connect(
     Use it as ``async with inferbus.connect(...) as client``. ``creds`` is a NATS credentials
     file (default ``$INFERBUS_CREDS``); ``tls_*`` are PEM paths for TLS. At most
     ``max_in_flight`` requests wait for replies at once; more wait their turn in the client.
+    ``retry`` says how requests are tried again after no responders (briefly), a full queue,
+    an unavailable or silent worker — always within each call's ``timeout``.
     """
     settings: dict[str, Any] = {"name": name, "tls_ca": tls_ca, "tls_cert": tls_cert}
     settings["tls_key"] = tls_key
@@ -386,7 +430,7 @@ def connect(
         settings["servers"] = split_servers(servers if isinstance(servers, str) else list(servers))
     if creds is not None:
         settings["creds"] = creds
-    return Client(ConnectOptions(**settings), max_in_flight=max_in_flight)
+    return Client(ConnectOptions(**settings), max_in_flight=max_in_flight, retry=retry)
 
 
 async def _next_results(

@@ -1,0 +1,50 @@
+"""When and how the client tries a request again: inference is idempotent, so a request that
+met no worker, a full queue, a worker that went away or one that never answered may be sent
+again — always within the caller's time budget, never beyond it."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from inferbus.errors import (
+    DeadlineExceeded,
+    InferbusError,
+    ModelNotFound,
+    Overloaded,
+    RequestError,
+    Unavailable,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """``max_attempts`` in all; waits grow from ``backoff_s`` to ``max_backoff_s``, jittered.
+
+    "No responders" is retried only during ``not_found_grace_s`` (a worker restarting), so a
+    model nobody serves still fails fast.
+    """
+
+    max_attempts: int = 3
+    backoff_s: float = 0.02
+    max_backoff_s: float = 1.0
+    not_found_grace_s: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1 or self.backoff_s < 0 or self.max_backoff_s < self.backoff_s:
+            raise InferbusError("max_attempts >= 1 and 0 <= backoff_s <= max_backoff_s")
+
+    def delay(self, attempt: int) -> float:
+        """Full jitter (AWS's advice): uniform in [0, capped exponential]."""
+        return random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
+
+    def attempt_timeout(self, remaining: float, attempt: int) -> float:
+        """Half the budget while attempts remain, so a lost worker leaves time to retry."""
+        return remaining if attempt >= self.max_attempts else remaining / 2
+
+    def should_retry(self, error: RequestError, attempt: int, elapsed: float) -> bool:
+        if attempt >= self.max_attempts:
+            return False
+        if isinstance(error, ModelNotFound):
+            return elapsed < self.not_found_grace_s
+        return isinstance(error, Overloaded | Unavailable | DeadlineExceeded)

@@ -1,0 +1,82 @@
+"""Client retries: within the caller's budget, never beyond it, counted in the result."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import inferbus
+from inferbus.errors import DeadlineExceeded, EngineFailure, ModelNotFound, Overloaded
+from tests.test_worker_lifecycle import start_worker_process, wait_until_served
+
+
+def test_policy_decides_what_to_retry() -> None:
+    policy = inferbus.RetryPolicy(max_attempts=3, not_found_grace_s=0.25)
+    assert policy.should_retry(Overloaded("full"), 1, 0.0)
+    assert policy.should_retry(DeadlineExceeded("silent worker"), 2, 0.0)
+    assert not policy.should_retry(Overloaded("full"), 3, 0.0)  # attempts used up
+    assert policy.should_retry(ModelNotFound("restarting?"), 1, 0.1)
+    assert not policy.should_retry(ModelNotFound("nobody"), 1, 0.3)  # past the grace
+    assert not policy.should_retry(EngineFailure("bug"), 1, 0.0)  # not transient
+    assert all(0 <= policy.delay(n) <= policy.max_backoff_s for n in range(1, 20))
+    assert policy.attempt_timeout(4.0, 1) == 2.0
+    assert policy.attempt_timeout(4.0, 3) == 4.0
+
+
+async def test_a_full_queue_is_retried_and_the_attempts_counted(
+    worker: inferbus.Worker, client: inferbus.Client
+) -> None:
+    x = {"x": np.zeros((1, 4), dtype=np.float32)}
+    results = await asyncio.gather(
+        *(client.infer("slow", x, timeout=20) for _ in range(40)), return_exceptions=True
+    )
+    served = [r for r in results if isinstance(r, inferbus.InferResult)]
+    assert any(r.attempts > 1 for r in served), "nothing needed a retry"
+    assert all(isinstance(r, inferbus.InferResult | Overloaded) for r in results)
+
+
+@pytest.mark.usefixtures("worker")
+async def test_unknown_models_still_fail_fast(client: inferbus.Client) -> None:
+    started = time.monotonic()
+    with pytest.raises(ModelNotFound):
+        await client.infer("nope", {"x": np.zeros(1)}, timeout=10)
+    assert time.monotonic() - started < 1.0
+
+
+async def test_a_worker_killed_under_load_loses_no_request(
+    nats_server: inferbus.EmbeddedServer, client: inferbus.Client
+) -> None:
+    """Two workers; SIGKILL one while requests flow: every request succeeds in its budget."""
+    first = start_worker_process(nats_server.url, "add")
+    second = start_worker_process(nats_server.url, "add")
+    try:
+        for _ in range(200):
+            models = await client.models(timeout=0.1)
+            if any(m.name == "add" and len(m.workers) == 2 for m in models):
+                break
+        await wait_until_served(client, "add")
+        x = {"x": np.ones((1, 4), dtype=np.float32)}
+
+        async def steady(count: int) -> list[inferbus.InferResult]:
+            out = []
+            for _ in range(count):
+                out.append(await client.infer("add", x, version=1, timeout=3))
+                await asyncio.sleep(0.005)
+            return out
+
+        load = [asyncio.create_task(steady(60)) for _ in range(8)]
+        await asyncio.sleep(0.3)
+        first.send_signal(signal.SIGKILL)
+        results = [r for batch in await asyncio.gather(*load) for r in batch]
+    finally:
+        for process in (first, second):
+            process.kill()
+            process.communicate()
+    assert len(results) == 480
+    assert all(np.array_equal(r["y"], np.full((1, 4), 2.0)) for r in results)
+    retried = sum(r.attempts > 1 for r in results)
+    print(f"{retried} of 480 requests were retried after the SIGKILL")
