@@ -234,6 +234,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_async(_bench(args))
 
 
+async def _status(args: argparse.Namespace) -> int:
+    from inferbus.status import ClusterStatus, rates, render, snapshot
+
+    async with Client(connect_options(args, "inferbus-status")) as client:
+        previous: ClusterStatus | None = None
+        while True:
+            current = await snapshot(client)
+            rates(current, previous)
+            if args.json:
+                print(orjson.dumps(current.to_dict(), option=orjson.OPT_INDENT_2).decode())
+            else:
+                clear = "" if args.once else "\033[2J\033[H"  # redraw in place on a terminal
+                print(clear + render(current), flush=True)
+            if args.once:
+                return 0
+            previous = current
+            await asyncio.sleep(args.interval)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    return run_async(_status(args))
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from inferbus.engines.tensorrt.build import ensure_plan
     from inferbus.repository import load_model_config
@@ -305,6 +328,8 @@ def _commands() -> list[tuple[str, Callable[[argparse.Namespace], int], str, Con
         ("worker", cmd_worker, "serve a model repository on a NATS server", _worker_args, True),
         ("up", cmd_up, "embedded nats-server and a worker in one process", _up_args, False),
         ("models", cmd_models, "list the models served, with signatures", _models_args, True),
+        ("status", cmd_status, "live view of workers and models (Ctrl-C to stop)", _status_args,
+         True),
         ("infer", cmd_infer, "send one request and print the outputs", _infer_args, True),
         ("bench", cmd_bench, "latency and throughput under load", _bench_args, True),
         ("build", cmd_build, "build (or find) a model's TensorRT plan", _build_args, False),
@@ -375,6 +400,12 @@ def _bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-windows", type=int, default=10, help="give up on stability after")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--csv", type=Path, help="also write the results as CSV here")
+
+
+def _status_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    parser.add_argument("--json", action="store_true", help="JSON instead of the table")
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
 
 
 def _build_args(parser: argparse.ArgumentParser) -> None:

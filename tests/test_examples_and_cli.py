@@ -104,7 +104,8 @@ def test_readme_python_blocks_run(nats_server: inferbus.EmbeddedServer) -> None:
 
 
 @pytest.mark.parametrize(
-    "command", ["", "server", "worker", "up", "models", "infer", "bench", "build", "demo"]
+    "command",
+    ["", "server", "worker", "up", "models", "status", "infer", "bench", "build", "demo"],
 )
 def test_every_command_explains_itself(command: str) -> None:
     result = run_cli(*([command] if command else []), "--help")

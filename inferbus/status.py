@@ -1,0 +1,152 @@
+"""``inferbus status``: the cluster at a glance, from the workers' $SRV.INFO and $SRV.STATS.
+
+Every worker answers both; figures per model are summed over its workers. Rates need two
+looks: ``rates`` compares a snapshot with the previous one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from inferbus.pipeline.client import Client
+from inferbus.pipeline.discovery import gather
+from inferbus.pipeline.subjects import SERVICE_NAME
+
+_COUNTERS = ("request_count", "failure_count", "inference_count", "execution_count",
+             "batch_rows", "queue_ns", "compute_ns")  # fmt: skip
+
+
+@dataclass(slots=True)
+class WorkerRow:
+    id: str
+    host: str
+    pid: str
+    uptime_s: float
+    models: list[str]
+    engines: list[str]
+    devices: list[str]
+
+
+@dataclass(slots=True)
+class ModelRow:
+    name: str
+    version: str
+    workers: int
+    requests: int
+    errors: int
+    errors_by_code: dict[str, int]
+    mean_batch_size: float
+    queue_ms: float
+    compute_ms: float
+    pending: int
+    requests_per_s: float = 0.0
+
+
+@dataclass(slots=True)
+class ClusterStatus:
+    taken: float
+    workers: list[WorkerRow] = field(default_factory=list)
+    models: list[ModelRow] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _uptime(started: str | None, now: datetime) -> float:
+    if not started:
+        return 0.0
+    when = datetime.strptime(started.rstrip("Z")[:26], "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=UTC)
+    return max((now - when).total_seconds(), 0.0)
+
+
+async def snapshot(client: Client, timeout: float = 0.5) -> ClusterStatus:
+    infos = await gather(client.nats, f"$SRV.INFO.{SERVICE_NAME}", timeout=timeout)
+    stats = await gather(client.nats, f"$SRV.STATS.{SERVICE_NAME}", timeout=timeout)
+    now = datetime.now(UTC)
+    status = ClusterStatus(taken=now.timestamp())
+    started = {s.get("id"): s.get("started") for s in stats}
+    for info in sorted(infos, key=lambda i: (i.get("metadata", {}).get("host", ""), i["id"])):
+        metas = [e.get("metadata") or {} for e in info.get("endpoints") or []]
+        versioned = [m for m in metas if m.get("model")]
+        status.workers.append(WorkerRow(
+            id=info["id"],
+            host=info.get("metadata", {}).get("host", "?"),
+            pid=info.get("metadata", {}).get("pid", "?"),
+            uptime_s=_uptime(started.get(info["id"]), now),
+            models=sorted({f"{m['model']} v{m['version']}" for m in versioned}),
+            engines=sorted({m.get("engine", "?") for m in versioned}),
+            devices=sorted({m.get("device", "?") for m in versioned}),
+        ))  # fmt: skip
+    status.models = _model_rows(stats)
+    return status
+
+
+def _model_rows(stats: list[dict[str, Any]]) -> list[ModelRow]:
+    """One row per model version, summed over workers; each version's data is read from its
+    versioned endpoint only (the unversioned one shares the same counters)."""
+    totals: dict[tuple[str, str], dict[str, Any]] = {}
+    for reply in stats:
+        for endpoint in reply.get("endpoints") or []:
+            name, _, version = str(endpoint.get("name", "")).rpartition("_v")
+            data = endpoint.get("data")
+            if not (name and version.isdigit() and isinstance(data, dict)):
+                continue
+            row = totals.setdefault((name, version), {"workers": 0, "codes": {}, **dict.fromkeys(
+                (*_COUNTERS, "pending"), 0)})  # fmt: skip
+            row["workers"] += 1
+            for key in (*_COUNTERS, "pending"):
+                row[key] += int(data.get(key, 0))
+            for code, count in (data.get("errors_by_code") or {}).items():
+                row["codes"][code] = row["codes"].get(code, 0) + int(count)
+    return [_row(name, version, row) for (name, version), row in sorted(totals.items())]
+
+
+def _ratio(numerator: float, denominator: float, scale: float = 1.0) -> float:
+    return numerator / denominator / scale if denominator else 0.0
+
+
+def _row(name: str, version: str, row: dict[str, Any]) -> ModelRow:
+    return ModelRow(
+        name=name,
+        version=version,
+        workers=row["workers"],
+        requests=row["request_count"],
+        errors=row["failure_count"],
+        errors_by_code=row["codes"],
+        mean_batch_size=_ratio(row["batch_rows"], row["execution_count"]),
+        queue_ms=_ratio(row["queue_ns"], row["inference_count"], 1e6),
+        compute_ms=_ratio(row["compute_ns"], row["execution_count"], 1e6),
+        pending=row["pending"],
+    )
+
+
+def rates(current: ClusterStatus, previous: ClusterStatus | None) -> None:
+    """Fill in requests/s from the change since ``previous``."""
+    if previous is None:
+        return
+    seconds = max(current.taken - previous.taken, 1e-6)
+    before = {(m.name, m.version): m.requests for m in previous.models}
+    for model in current.models:
+        done = model.requests - before.get((model.name, model.version), model.requests)
+        model.requests_per_s = max(done, 0) / seconds
+
+
+def render(status: ClusterStatus) -> str:
+    lines = [
+        f"inferbus cluster: {len(status.workers)} worker(s), {len(status.models)} model version(s)",
+        "",
+    ]
+    lines.append(f"{'worker':24} {'host':16} {'pid':>7} {'uptime':>9}  models (engine on device)")
+    for w in status.workers:
+        where = f"({'/'.join(w.engines)} on {'/'.join(w.devices)})"
+        lines.append(f"{w.id[:24]:24} {w.host[:16]:16} {w.pid:>7} {w.uptime_s:>8.0f}s  "
+                     f"{', '.join(w.models)} {where}")  # fmt: skip
+    lines += ["", f"{'model':20} {'workers':>7} {'req/s':>8} {'requests':>9} {'errors':>7} "
+                  f"{'batch':>6} {'queue ms':>9} {'compute ms':>10} {'pending':>7}"]  # fmt: skip
+    for m in status.models:
+        lines.append(f"{m.name + ' v' + m.version:20} {m.workers:>7} {m.requests_per_s:>8.1f} "
+                     f"{m.requests:>9} {m.errors:>7} {m.mean_batch_size:>6.1f} {m.queue_ms:>9.2f} "
+                     f"{m.compute_ms:>10.2f} {m.pending:>7}")  # fmt: skip
+    return "\n".join(lines)
