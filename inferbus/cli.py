@@ -80,21 +80,24 @@ def _wait_for_signal() -> None:
 # --- worker / up ------------------------------------------------------------------------------
 
 
-async def _serve(repo: Path, options: ConnectOptions, only: Sequence[str]) -> int:
+async def _serve(
+    repo: Path, options: ConnectOptions, only: Sequence[str], metrics_port: int | None = None
+) -> int:
     configs = load_repository(repo)
     if only:
         unknown = set(only) - {c.name for c in configs}
         if unknown:
             raise InferbusError(f"{repo} has no model named {sorted(unknown)}")
         configs = [c for c in configs if c.name in only]
-    async with Worker(configs, options) as worker:
+    async with Worker(configs, options, metrics_port=metrics_port) as worker:
         print(f"worker ready: {len(configs)} model version(s) on {options.servers[0]}", flush=True)
         await worker.wait()
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    return run_async(_serve(args.repo, connect_options(args, "inferbus-worker"), args.model))
+    options = connect_options(args, "inferbus-worker")
+    return run_async(_serve(args.repo, options, args.model, args.metrics_port))
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -351,6 +354,9 @@ def _repo_args(parser: argparse.ArgumentParser) -> None:
 
 def _worker_args(parser: argparse.ArgumentParser) -> None:
     _repo_args(parser)
+    parser.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics (inferbus_*) on this port"
+    )
     parser.epilog = "Stops gracefully on SIGTERM/SIGINT: requests already received are answered."
 
 

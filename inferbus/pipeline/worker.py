@@ -22,6 +22,7 @@ from inferbus import __version__
 from inferbus.errors import ConfigError
 from inferbus.pipeline._connection import ConnectOptions, connect_nats
 from inferbus.pipeline._lifecycle import AsyncResource
+from inferbus.pipeline._metrics import MetricsServer
 from inferbus.pipeline._service import EndpointRecord, MicroService
 from inferbus.pipeline._serving import ServedModel, load_served_model
 from inferbus.pipeline._transfer import is_offer
@@ -35,10 +36,16 @@ class Worker(AsyncResource):
     """Serves models over NATS: ``async with Worker(configs) as worker: await worker.wait()``."""
 
     def __init__(
-        self, configs: Sequence[ModelConfig], options: ConnectOptions | None = None
+        self,
+        configs: Sequence[ModelConfig],
+        options: ConnectOptions | None = None,
+        *,
+        metrics_port: int | None = None,
     ) -> None:
         self.configs = list(configs)
         self.options = options or ConnectOptions(name="inferbus-worker")
+        self.metrics_port = metrics_port
+        self.metrics: MetricsServer | None = None
         self.models: list[ServedModel] = []
         self._client: NatsClient | None = None
         self._service: MicroService | None = None
@@ -71,6 +78,9 @@ class Worker(AsyncResource):
                 await self._subscribe(model, None)
         # Subscriptions are only in force once the server has seen them.
         await client.flush()
+        if self.metrics_port is not None:
+            self.metrics = MetricsServer(lambda: self.models, self.metrics_port)
+            log.info("Prometheus metrics on port %d", self.metrics.port)
         names = ", ".join(f"{c.name} v{c.version}" for c in self.configs)
         url = client.connected_url.geturl() if client.connected_url else "?"
         log.info("worker %s serving %s on %s", self._service.id, names, url)
@@ -138,6 +148,9 @@ class Worker(AsyncResource):
         client, self._client = self._client, None
         if client is not None:
             await self._drain(client)
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         models, self.models = self.models, []
         for model in models:
             await model.close()
