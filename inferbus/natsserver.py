@@ -14,6 +14,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -44,6 +45,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True, slots=True)
+class Cluster:
+    """This server's place in a NATS cluster: its name, route port and its peers' routes."""
+
+    server_name: str
+    route_port: int
+    peers: tuple[int, ...]  # the other servers' route ports (on the same host, for tests)
+    name: str = "inferbus"
+
+    def config_lines(self, host: str) -> list[str]:
+        routes = ", ".join(f'"nats-route://{host}:{port}"' for port in self.peers)
+        return [
+            f'server_name: "{self.server_name}"',
+            f'cluster {{\n  name: "{self.name}"\n  listen: "{host}:{self.route_port}"\n'
+            f"  routes: [{routes}]\n}}",
+        ]
+
+
 class EmbeddedServer:
     """A nats-server child process on loopback, started and stopped with ``with``.
 
@@ -58,6 +77,7 @@ class EmbeddedServer:
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         monitor_port: int | None = None,
         extra_config: str = "",
+        cluster: Cluster | None = None,
     ) -> None:
         if max_payload <= 0 or max_payload > 64 * 1024 * 1024:
             raise ServerError("max_payload must be between 1 byte and 64 MiB (nats-server's cap)")
@@ -66,6 +86,7 @@ class EmbeddedServer:
         self.max_payload = max_payload
         self.monitor_port = monitor_port
         self.extra_config = extra_config
+        self.cluster = cluster
         self._process: subprocess.Popen[bytes] | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -97,6 +118,8 @@ class EmbeddedServer:
         ]
         if self.monitor_port is not None:
             lines.append(f'http: "{self.host}:{self.monitor_port}"')
+        if self.cluster is not None:
+            lines += self.cluster.config_lines(self.host)
         return "\n".join(lines) + "\n" + self.extra_config
 
     def start(self, timeout: float = 10.0) -> None:
@@ -141,6 +164,12 @@ class EmbeddedServer:
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
+
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would (failure tests); ``stop`` still cleans up."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
 
     def wait(self) -> int:
         """Block until the server exits; its exit status."""

@@ -48,6 +48,8 @@ class ConnectOptions:
     tls_cert: str | None = None
     tls_key: str | None = None
     connect_timeout: int = 2  # seconds; nats-py takes whole seconds
+    #: try servers in the given order (True shuffles them, spreading load over a cluster)
+    randomize: bool = True
 
     def tls_context(self) -> ssl.SSLContext | None:
         if not (self.tls_ca or self.tls_cert):
@@ -88,6 +90,7 @@ async def connect_nats(options: ConnectOptions) -> NatsClient:
         user_credentials=options.creds,
         tls=options.tls_context(),
         connect_timeout=options.connect_timeout,
+        dont_randomize=not options.randomize,
         allow_reconnect=True,
         # Give up quickly on the first connect; reconnect forever once connected (below).
         max_reconnect_attempts=INITIAL_ATTEMPTS,

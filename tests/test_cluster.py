@@ -1,0 +1,68 @@
+"""A 3-node NATS cluster on loopback: workers on one node, clients on another; a node dies
+under load and every request still succeeds within its budget."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+
+import inferbus
+from inferbus.natsserver import Cluster, EmbeddedServer, free_port
+from inferbus.pipeline._connection import ConnectOptions
+from tests.conftest import TEST_MODELS
+
+
+@contextlib.contextmanager
+def three_nodes() -> Iterator[list[EmbeddedServer]]:
+    routes = [free_port() for _ in range(3)]
+    servers = [
+        EmbeddedServer(
+            cluster=Cluster(f"n{i}", routes[i], tuple(p for p in routes if p != routes[i]))
+        )
+        for i in range(3)
+    ]
+    with contextlib.ExitStack() as stack:
+        for server in servers:
+            stack.enter_context(server)
+        yield servers
+
+
+async def wait_for_cluster(url: str, workers: int) -> None:
+    async with inferbus.connect(url) as client:
+        for _ in range(200):
+            found = [m for m in await client.models(timeout=0.1) if m.name == "add"]
+            if found and len(found[0].workers) >= workers:
+                return
+    raise AssertionError("the cluster never saw the workers")
+
+
+async def test_a_node_dies_under_load() -> None:
+    configs = [c for c in inferbus.load_repository(TEST_MODELS) if c.name == "add"]
+    with three_nodes() as (first, second, third):
+        urls = [s.url for s in (first, second, third)]
+        ordered = ConnectOptions(servers=urls, randomize=False)  # start on the first node
+        async with (
+            inferbus.Worker(configs, ordered),
+            inferbus.Worker(configs, ordered),
+        ):
+            await wait_for_cluster(second.url, workers=2)
+            async with inferbus.connect([second.url, third.url]) as client:
+                x = {"x": np.ones((1, 4), dtype=np.float32)}
+
+                async def steady(count: int) -> list[inferbus.InferResult]:
+                    results = []
+                    for _ in range(count):
+                        results.append(await client.infer("add", x, version=1, timeout=5))
+                        await asyncio.sleep(0.01)
+                    return results
+
+                load = [asyncio.create_task(steady(80)) for _ in range(4)]
+                await asyncio.sleep(0.3)
+                first.kill()  # the workers' node dies
+                results = [r for batch in await asyncio.gather(*load) for r in batch]
+    assert len(results) == 320
+    assert all(np.array_equal(r["y"], np.full((1, 4), 2.0)) for r in results)
+    print(f"{sum(r.attempts > 1 for r in results)} of 320 requests needed a retry")
