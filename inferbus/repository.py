@@ -40,6 +40,8 @@ class ModelConfig:
     max_queue_size: int = 1024
     preferred_batch_sizes: tuple[int, ...] = ()
     execution: str = "auto"
+    hang_after_s: float = 30.0  # an engine call this long takes the model out of rotation
+    max_failures: int = 5  # so do this many engine failures in a row
     description: str = ""
     #: backend-specific settings, from the config's [options] table
     options: Mapping[str, Any] = field(default_factory=dict, hash=False)
@@ -56,6 +58,8 @@ class ModelConfig:
         _require(1 <= self.instances <= 64, self, "instances must be between 1 and 64")
         _require(self.max_request_bytes >= 1, self, "max_request_bytes must be >= 1")
         _require(self.max_queue_size >= 1, self, "max_queue_size must be >= 1")
+        _require(self.hang_after_s > 0, self, "hang_after_s must be > 0")
+        _require(self.max_failures >= 1, self, "max_failures must be >= 1")
         _require(
             all(
                 type(n) is int and 1 <= n <= self.max_batch_size for n in self.preferred_batch_sizes
@@ -97,6 +101,8 @@ _TYPES: Final[Mapping[str, tuple[type, ...]]] = {
     "max_queue_size": (int,),
     "preferred_batch_sizes": (list,),
     "execution": (str,),
+    "hang_after_s": (int, float),
+    "max_failures": (int,),
     "options": (dict,),
     "inputs": (list,),
     "outputs": (list,),

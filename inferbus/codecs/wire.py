@@ -126,7 +126,11 @@ def decode_response(body: bytes | bytearray, limit: int = DEFAULT_DECODE_LIMIT) 
     )
 
 
+MAX_ERROR_TEXT: Final = 1024  # error text repeats parts of the request: keep replies small
+
+
 def encode_error(message: str, request_id: str = "") -> bytes:
+    message = message[:MAX_ERROR_TEXT]
     header = {"id": request_id, "error": message} if request_id else {"error": message}
     json = orjson.dumps(header)
     return _PREFIX.pack(len(json)) + json

@@ -6,9 +6,11 @@ import asyncio
 import logging
 import os
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+from nats import errors as nats_errors
 from nats.aio.client import Client as NatsClient
 
 from inferbus.errors import ConnectionFailed
@@ -61,7 +63,11 @@ class ConnectOptions:
 
 
 async def _log_error(exc: Exception) -> None:
-    log.debug("NATS: %s", exc)
+    # Slow-consumer drops and server errors matter; refused connects during start-up do not.
+    if isinstance(exc, nats_errors.SlowConsumerError):
+        log.warning("NATS: %s: requests were dropped", exc)
+    else:
+        log.debug("NATS: %s", exc)
 
 
 async def _log_disconnect() -> None:
@@ -72,8 +78,12 @@ async def _log_reconnect() -> None:
     log.info("NATS: reconnected")
 
 
-async def connect_nats(options: ConnectOptions) -> NatsClient:
-    """A connected client; ``ConnectionFailed`` when no server answers in time."""
+async def connect_nats(
+    options: ConnectOptions, on_closed: Callable[[], Awaitable[None]] | None = None
+) -> NatsClient:
+    """A connected client; ``ConnectionFailed`` when no server answers in time.
+
+    ``on_closed`` runs if the connection closes for good (e.g. the server refused it)."""
     client = NatsClient()
     errors: list[Exception] = []
     hopeless = asyncio.Event()  # a certificate that does not verify will not verify next time
@@ -99,6 +109,7 @@ async def connect_nats(options: ConnectOptions) -> NatsClient:
         error_cb=remember,
         disconnected_cb=_log_disconnect,
         reconnected_cb=_log_reconnect,
+        closed_cb=on_closed,
     )
     # nats-py can hang after a failed TLS handshake instead of trying the next server.
     limit = (options.connect_timeout + 0.5) * (INITIAL_ATTEMPTS + 1) * len(options.servers)

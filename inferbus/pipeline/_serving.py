@@ -37,12 +37,14 @@ from inferbus.errors import (
     EngineFailure,
     PayloadTooLarge,
     RequestError,
+    Unavailable,
 )
+from inferbus.pipeline._health import Health
 from inferbus.pipeline._mapping import unpack
 from inferbus.pipeline._service import EndpointRecord
 from inferbus.pipeline._stats import ModelStats
 from inferbus.pipeline._threads import run_in_thread
-from inferbus.pipeline._transfer import Receiver, send
+from inferbus.pipeline._transfer import Receiver, TransferBudget, send
 from inferbus.pipeline.batching import BatchQueue, Pending
 from inferbus.pipeline.subjects import error_headers
 from inferbus.repository import ModelConfig
@@ -131,8 +133,13 @@ class ServedModel:
         self._output_names = frozenset(spec.name for spec in self.signature.outputs)
         self._consumers: list[asyncio.Task[None]] = []
         self._nats: NatsClient | None = None
+        self.health = Health(
+            hang_after_s=self.config.hang_after_s, max_failures=self.config.max_failures
+        )
         self._outstanding = 0  # admitted, not yet answered
         self._transfers: set[asyncio.Task[None]] = set()
+        # Two requests of the largest size may arrive in chunks at once; more wait (429).
+        self._transfer_budget = TransferBudget(2 * self.config.max_request_bytes)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -158,7 +165,23 @@ class ServedModel:
         }
 
     def stats_data(self) -> dict[str, Any]:
-        return self.stats.snapshot(pending=len(self.queue))
+        data = self.stats.snapshot(pending=len(self.queue))
+        data["health"] = "ready" if self.health.healthy else f"unhealthy: {self.health.reason}"
+        return data
+
+    async def reject_queued(self, reason: str) -> None:
+        """Answer 503 to everything queued (the engine is out of rotation): callers retry
+        elsewhere instead of waiting here."""
+        for item in self.queue.take_all():
+            await self._reply(item.payload, Unavailable(f"this worker's engine is unfit: {reason}"))
+
+    async def probe(self) -> bool:
+        """One call on example inputs, off the loop: is the engine fit again?"""
+        try:
+            await run_in_thread(self.executors[0], self.engines[0].warm_up)
+        except Exception:  # any failure means "not yet"
+            return False
+        return True
 
     # --- on the event loop ----------------------------------------------------------------------
     # No task or future per request: the subscription callback admits a request to the queue,
@@ -212,7 +235,9 @@ class ServedModel:
         """An offer of a request too large for one message: receive it, then admit it."""
         try:
             limit = self.config.max_request_bytes
-            receiver = await Receiver.accept(self._client(), msg, limit, needs_reply=True)
+            receiver = await Receiver.accept(
+                self._client(), msg, limit, needs_reply=True, budget=self._transfer_budget
+            )
         except RequestError as exc:  # already answered to the sender
             self.stats.request_done(exc.code)
             return
@@ -241,11 +266,22 @@ class ServedModel:
         if isinstance(outcome, bytes) and len(outcome) > self._client().max_payload:
             self._track(self._send_large(work, outcome))
         elif isinstance(outcome, bytes):
-            await self._client().publish(work.reply, outcome)
-            self.stats.request_done(None)
-            work.record.observe(time.perf_counter_ns() - work.received_ns)
+            if await self._publish(work.reply, outcome, None):
+                self.stats.request_done(None)
+                work.record.observe(time.perf_counter_ns() - work.received_ns)
         else:
             await self._reply_error(work.reply, work.record, work.received_ns, outcome)
+
+    async def _publish(self, subject: str, body: bytes, headers: dict[str, str] | None) -> bool:
+        """Publish a reply; a failure (connection lost, bad subject) is logged, never raised,
+        so the consumer that publishes keeps serving the others."""
+        try:
+            await self._client().publish(subject, body, headers=headers)
+        except Exception as exc:  # nats-py raises several types; none may stop the consumer
+            log.warning("%s: could not publish a reply to %r: %s", self.config.name, subject, exc)
+            self.stats.request_done(503)
+            return False
+        return True
 
     async def _send_large(self, work: _Work, body: bytes) -> None:
         budget = REPLY_TRANSFER_S
@@ -266,7 +302,8 @@ class ServedModel:
         failure = exc if isinstance(exc, RequestError) else _internal(exc, self.config.name)
         failure.model = self.config.name
         body = encode_error(failure.message)
-        await self._client().publish(reply, body, headers=error_headers(failure))
+        if not await self._publish(reply, body, error_headers(failure)):
+            return
         self.stats.request_done(failure.code)
         record.observe(time.perf_counter_ns() - received_ns, str(failure))
 
@@ -317,6 +354,7 @@ class ServedModel:
             works = await self._drop_expired(batch)
             if not works:
                 continue
+            self.health.started()
             try:
                 if executor is None:
                     outcomes = self._run_batch(engine, works)
@@ -324,6 +362,7 @@ class ServedModel:
                     outcomes = await run_in_thread(executor, self._run_batch, engine, works)
             except Exception as exc:  # a bug of ours must not kill the consumer or lose replies
                 outcomes = [_internal(exc, self.config.name)] * len(works)
+            self.health.finished(all(isinstance(o, EngineFailure) for o in outcomes))
             for work, outcome in zip(works, outcomes, strict=True):
                 await self._reply(work, outcome)
 
@@ -375,6 +414,12 @@ class ServedModel:
         return per_request
 
     def _encode(self, work: _Work, outputs: Tensors) -> Outcome:
+        try:
+            return self._encode_checked(work, outputs)
+        except Exception as exc:  # MemoryError, a codec's bug: still an answer, a 500
+            return _internal(exc, self.config.name)
+
+    def _encode_checked(self, work: _Work, outputs: Tensors) -> Outcome:
         if work.request.outputs:
             outputs = {name: outputs[name] for name in work.request.outputs}
         version = str(self.config.version)

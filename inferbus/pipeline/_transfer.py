@@ -11,7 +11,10 @@ time limit abandons it and frees it. The same code carries requests (client → 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import re
+import time
 import zlib
 from dataclasses import dataclass
 from typing import Any, Final
@@ -28,6 +31,7 @@ from inferbus.errors import (
     BadInput,
     DeadlineExceeded,
     InferbusError,
+    Overloaded,
     PayloadTooLarge,
     RequestError,
     Unavailable,
@@ -36,12 +40,14 @@ from inferbus.errors import (
 from inferbus.pipeline.subjects import ERROR_CODE_HEADER, error_headers
 
 TRANSFER_HEADER: Final = "Inferbus-Transfer"
+_SUBJECT: Final = re.compile(r"[^\s*>.]+(\.[^\s*>.]+)*")
 CHUNK_HEADER: Final = "Inferbus-Chunk"
 OFFER: Final = "offer"
 WINDOW: Final = 8  # chunks in flight: measured faster than one message, without flooding
 MAX_CHUNK: Final = 4 * 1024 * 1024
 HEADROOM: Final = 4096  # the PUB line and chunk header must fit beside the chunk
 MAX_TRANSFER_S: Final = 120.0
+IDLE_S: Final = 10.0  # a receiver that hears no chunk for this long gives up
 CHUNK_ACK_S: Final = 5.0  # a 4 MiB chunk takes well under 0.1 s here
 MIN_CHUNK: Final = 4096  # bounds the bookkeeping a receiver keeps per offer
 
@@ -94,6 +100,8 @@ class Offer:
             raise BadInput("transfer offer needs positive integer size, chunk_size, timeout_ms")
         if type(reply) is not str or fields.get("chunks") != math.ceil(size / chunk):  # type: ignore[operator]
             raise BadInput("transfer offer is inconsistent")
+        if reply and not _SUBJECT.fullmatch(reply):
+            raise BadInput("transfer reply must be a plain NATS subject (no spaces or wildcards)")
         if chunk < MIN_CHUNK and chunk < size:  # type: ignore[operator]
             raise BadInput(f"transfer chunks must be at least {MIN_CHUNK} bytes")
         return cls(size, chunk, min(timeout_ms / 1e3, MAX_TRANSFER_S), reply)  # type: ignore[arg-type, operator]
@@ -176,22 +184,50 @@ async def _stream(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class TransferBudget:
+    """Bytes a process may have in incoming transfers at once; offers beyond it get 429."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+
+    def reserve(self, size: int) -> bool:
+        if self.in_use + size > self.limit:
+            return False
+        self.in_use += size
+        return True
+
+    def release(self, size: int) -> None:
+        self.in_use -= size
+
+
 class Receiver:
     """One incoming transfer: a buffer filled by chunk requests on a private subject."""
 
     active: int = 0  # transfers in progress in this process, for tests and stats
 
-    def __init__(self, client: NatsClient, offer: Offer) -> None:
+    def __init__(
+        self, client: NatsClient, offer: Offer, budget: TransferBudget | None = None
+    ) -> None:
         self.client = client
         self.offer = offer
-        self.buffer = bytearray(offer.size)  # the one allocation, after the size was checked
+        # Allocated at the first chunk, not at the offer: an offer alone commits no memory.
+        self.buffer = bytearray()
         self.missing = set(range(offer.chunks))
         self.done: asyncio.Future[bytearray] = asyncio.get_running_loop().create_future()
+        self.last_activity = time.monotonic()
+        self._budget = budget
         self._subscription: Subscription | None = None
 
     @classmethod
     async def accept(
-        cls, client: NatsClient, msg: Msg, limit: int, *, needs_reply: bool = False
+        cls,
+        client: NatsClient,
+        msg: Msg,
+        limit: int,
+        *,
+        needs_reply: bool = False,
+        budget: TransferBudget | None = None,
     ) -> Receiver:
         """Answer an offer: refuse it (413, 400) or open a private subject for its chunks.
 
@@ -203,10 +239,12 @@ class Receiver:
                 raise PayloadTooLarge(f"transfer of {offer.size} bytes exceeds the limit {limit}")
             if needs_reply and not offer.reply:
                 raise BadInput("a request sent in chunks must name its reply subject")
+            if budget is not None and not budget.reserve(offer.size):
+                raise Overloaded(f"too many bytes already in transfer here ({budget.limit} max)")
         except RequestError as exc:
             await _answer_error(client, msg.reply, exc)
             raise
-        receiver = cls(client, offer)
+        receiver = cls(client, offer, budget)
         subject = client.new_inbox()
         receiver._subscription = await client.subscribe(subject, cb=receiver._on_chunk)
         Receiver.active += 1
@@ -222,6 +260,7 @@ class Receiver:
             self._finish(exc)
             return
         self.missing.discard(index)
+        self.last_activity = time.monotonic()
         await self.client.publish(msg.reply, b"")
         if not self.missing:
             self._finish(None)
@@ -239,6 +278,8 @@ class Receiver:
             raise BadInput(f"chunk {index} has {len(msg.data)} bytes; expected {expected}")
         if zlib.crc32(msg.data) != int(crc_text):
             raise BadInput(f"chunk {index} fails its checksum")
+        if not self.buffer:
+            self.buffer = bytearray(self.offer.size)  # the one allocation, size checked
         self.buffer[start : start + expected] = msg.data
         return index
 
@@ -252,13 +293,18 @@ class Receiver:
 
     async def wait(self) -> bytearray:
         """The whole body, or DeadlineExceeded when the sender went quiet; always cleans up."""
+        deadline = time.monotonic() + self.offer.timeout_s
         try:
-            return await asyncio.wait_for(asyncio.shield(self.done), self.offer.timeout_s)
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"transfer abandoned: {len(self.missing)} of {self.offer.chunks} chunks "
-                f"missing after {self.offer.timeout_s:g}s"
-            ) from None
+            while True:
+                now = time.monotonic()
+                left = min(deadline - now, IDLE_S - (now - self.last_activity))
+                if left <= 0:
+                    raise DeadlineExceeded(
+                        f"transfer abandoned: {len(self.missing)} of {self.offer.chunks} "
+                        "chunks missing (sender quiet or out of time)"
+                    )
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(asyncio.shield(self.done), left)
         finally:
             await self.close()
 
@@ -266,6 +312,8 @@ class Receiver:
         subscription, self._subscription = self._subscription, None
         if subscription is not None:
             Receiver.active -= 1
+            if self._budget is not None:
+                self._budget.release(self.offer.size)
             if not self.client.is_closed:
                 await subscription.unsubscribe()
         if not self.done.done():

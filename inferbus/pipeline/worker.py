@@ -12,14 +12,16 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from inferbus import __version__
-from inferbus.errors import ConfigError
+from inferbus.errors import ConfigError, ConnectionFailed
 from inferbus.pipeline._connection import ConnectOptions, connect_nats
 from inferbus.pipeline._lifecycle import AsyncResource
 from inferbus.pipeline._metrics import MetricsServer
@@ -30,6 +32,16 @@ from inferbus.pipeline.subjects import SERVICE_NAME, infer_subject, queue_group
 from inferbus.repository import ModelConfig
 
 log = logging.getLogger("inferbus.worker")
+WATCH_INTERVAL_S = 0.2
+
+
+@dataclass(slots=True)
+class _Route:
+    """One subscribed subject of a model version; ``subscription`` is None out of rotation."""
+
+    model: ServedModel
+    record: EndpointRecord
+    subscription: Subscription | None = None
 
 
 class Worker(AsyncResource):
@@ -49,8 +61,11 @@ class Worker(AsyncResource):
         self.models: list[ServedModel] = []
         self._client: NatsClient | None = None
         self._service: MicroService | None = None
-        self._subscriptions: list[Subscription] = []
+        self._routes: list[_Route] = []
+        self._watchdog: asyncio.Task[None] | None = None
         self._stop_requested = asyncio.Event()
+        self._stopping = False
+        self._lost_connection = False
 
     @property
     def service(self) -> MicroService:
@@ -62,7 +77,7 @@ class Worker(AsyncResource):
         self._check_endpoint_names()
         for config in self.configs:
             self.models.append(await load_served_model(config))
-        client = self._client = await connect_nats(self.options)
+        client = self._client = await connect_nats(self.options, self._connection_closed)
         self._service = MicroService(
             client,
             name=SERVICE_NAME,
@@ -78,6 +93,7 @@ class Worker(AsyncResource):
                 await self._subscribe(model, None)
         # Subscriptions are only in force once the server has seen them.
         await client.flush()
+        self._watchdog = asyncio.create_task(self._watch())
         if self.metrics_port is not None:
             self.metrics = MetricsServer(lambda: self.models, self.metrics_port)
             log.info("Prometheus metrics on port %d", self.metrics.port)
@@ -97,7 +113,6 @@ class Worker(AsyncResource):
         return config.version == max(c.version for c in self.configs if c.name == config.name)
 
     async def _subscribe(self, model: ServedModel, version: int | None) -> None:
-        assert self._client is not None
         assert self._service is not None
         name = model.config.name
         record = EndpointRecord(
@@ -107,9 +122,14 @@ class Worker(AsyncResource):
             metadata=model.metadata(),
             data=model.stats_data,
         )
-        client = self._client
+        route = _Route(model, record)
+        await self._listen(route)
+        self._routes.append(route)
+        self._service.endpoints.append(record)
 
-        subscription: Subscription | None = None
+    async def _listen(self, route: _Route) -> None:
+        assert self._client is not None
+        model, record = route.model, route.record
 
         async def enqueue(msg: Msg) -> None:
             # nats-py awaits one subscription's callbacks in turn: this only admits the request.
@@ -118,12 +138,59 @@ class Worker(AsyncResource):
             if is_offer(msg):
                 await model.accept_transfer(msg, record)
                 return
-            backlog = subscription.pending_msgs if subscription is not None else 0
+            backlog = route.subscription.pending_msgs if route.subscription is not None else 0
             await model.handle(msg, record, backlog)
 
-        subscription = await client.subscribe(record.subject, queue=record.queue_group, cb=enqueue)
-        self._subscriptions.append(subscription)
-        self._service.endpoints.append(record)
+        route.subscription = await self._client.subscribe(
+            record.subject, queue=record.queue_group, cb=enqueue
+        )
+
+    @property
+    def ready(self) -> bool:
+        """Every model is in rotation (liveness is answering $SRV.PING at all)."""
+        return bool(self._routes) and all(r.subscription is not None for r in self._routes)
+
+    async def _watch(self) -> None:
+        """Take unfit engines out of rotation, and bring them back once fit again."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            now = time.monotonic()
+            for model in self.models:
+                health = model.health
+                if health.healthy:
+                    reason = health.verdict(now)
+                    if reason:
+                        await self._take_out(model, reason, now)
+                elif health.busy_since is None and (
+                    health.failures_in_a_row < health.max_failures  # a hang that ended
+                    or (health.may_probe(now) and await model.probe())
+                ):
+                    await self._put_back(model)
+
+    async def _take_out(self, model: ServedModel, reason: str, now: float) -> None:
+        log.warning("%s: out of rotation: %s", model.config.name, reason)
+        model.health.reason, model.health.unhealthy_since = reason, now
+        for route in self._routes:
+            if route.model is model and route.subscription is not None:
+                subscription, route.subscription = route.subscription, None
+                await subscription.drain()  # type: ignore[no-untyped-call]
+        await model.reject_queued(reason)
+
+    async def _put_back(self, model: ServedModel) -> None:
+        assert self._client is not None
+        model.health.reason, model.health.unhealthy_since = "", None
+        model.health.failures_in_a_row = 0
+        for route in self._routes:
+            if route.model is model and route.subscription is None:
+                await self._listen(route)
+        await self._client.flush()
+        log.info("%s: back in rotation", model.config.name)
+
+    async def _connection_closed(self) -> None:
+        if not self._stopping:
+            log.error("NATS connection closed for good; stopping so a supervisor can restart us")
+            self._lost_connection = True
+            self._stop_requested.set()
 
     def request_stop(self) -> None:
         """Ask ``wait()`` to return; safe from a signal handler."""
@@ -142,12 +209,18 @@ class Worker(AsyncResource):
                 loop.remove_signal_handler(sig)
         log.info("stop requested: draining")
         await self.stop()
+        if self._lost_connection:
+            raise ConnectionFailed("the NATS connection was closed for good")
 
     async def stop(self) -> None:
         """Stop taking requests, answer those already received, close."""
+        self._stopping = True
         client, self._client = self._client, None
-        if client is not None:
-            await self._drain(client)
+        if client is not None and not client.is_closed:
+            try:
+                await self._drain(client)
+            except Exception as exc:  # a dead connection must not keep the engines open
+                log.warning("drain cut short: %s", exc)
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
@@ -158,10 +231,14 @@ class Worker(AsyncResource):
             log.info("worker stopped")
 
     async def _drain(self, client: NatsClient) -> None:
-        for subscription in self._subscriptions:
-            # Delivered messages are still handed to enqueue; nats-py leaves drain() untyped.
-            await subscription.drain()  # type: ignore[no-untyped-call]
-        self._subscriptions.clear()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
+        for route in self._routes:
+            if route.subscription is not None:
+                # Delivered messages are still handed to enqueue; nats-py leaves it untyped.
+                await route.subscription.drain()  # type: ignore[no-untyped-call]
+                route.subscription = None
         for model in self.models:
             await model.wait_idle()
         if self._service is not None:
