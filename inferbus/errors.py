@@ -83,6 +83,11 @@ class Unavailable(RequestError):
 class DeadlineExceeded(RequestError, TimeoutError):
     code = 504
 
+    def __init__(self, message: str, *, model: str | None = None, silent: bool = False) -> None:
+        super().__init__(message, model=model)
+        #: no reply came at all (the worker may be gone), rather than a worker's 504
+        self.silent = silent
+
 
 _BY_CODE: dict[int, type[RequestError]] = {
     cls.code: cls

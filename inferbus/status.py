@@ -89,10 +89,12 @@ def _model_rows(stats: list[dict[str, Any]]) -> list[ModelRow]:
     totals: dict[tuple[str, str], dict[str, Any]] = {}
     for reply in stats:
         for endpoint in reply.get("endpoints") or []:
-            name, _, version = str(endpoint.get("name", "")).rpartition("_v")
+            # inferbus.infer.<model>.<version>: the versioned endpoint (names can mislead)
+            tokens = str(endpoint.get("subject", "")).split(".")
             data = endpoint.get("data")
-            if not (name and version.isdigit() and isinstance(data, dict)):
+            if len(tokens) != 4 or not tokens[3].isdigit() or not isinstance(data, dict):
                 continue
+            name, version = tokens[2], tokens[3]
             row = totals.setdefault((name, version), {"workers": 0, "codes": {}, **dict.fromkeys(
                 (*_COUNTERS, "pending"), 0)})  # fmt: skip
             row["workers"] += 1

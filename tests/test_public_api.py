@@ -21,6 +21,7 @@ def test_exported_members() -> None:
         "natsserver",
         "pipeline",
         "repository",
+        "status",
     }
     assert public - submodules == set(inferbus.__all__) - {"__version__"}
     for name in inferbus.__all__:

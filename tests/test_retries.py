@@ -17,14 +17,17 @@ from tests.test_worker_lifecycle import start_worker_process, wait_until_served
 def test_policy_decides_what_to_retry() -> None:
     policy = inferbus.RetryPolicy(max_attempts=3, not_found_grace_s=0.25)
     assert policy.should_retry(Overloaded("full"), 1, 0.0)
-    assert policy.should_retry(DeadlineExceeded("silent worker"), 2, 0.0)
+    assert policy.should_retry(DeadlineExceeded("no reply", silent=True), 2, 0.0)
+    assert not policy.should_retry(DeadlineExceeded("the worker's own 504"), 1, 0.0)
     assert not policy.should_retry(Overloaded("full"), 3, 0.0)  # attempts used up
     assert policy.should_retry(ModelNotFound("restarting?"), 1, 0.1)
     assert not policy.should_retry(ModelNotFound("nobody"), 1, 0.3)  # past the grace
     assert not policy.should_retry(EngineFailure("bug"), 1, 0.0)  # not transient
     assert all(0 <= policy.delay(n) <= policy.max_backoff_s for n in range(1, 20))
-    assert policy.attempt_timeout(4.0, 1) == 2.0
-    assert policy.attempt_timeout(4.0, 3) == 4.0
+    assert policy.attempt_timeout(4.0, 1, 0.01) == 2.0
+    assert policy.attempt_timeout(4.0, 1, 0.9) == pytest.approx(3.65)  # a slow model
+    assert policy.attempt_timeout(4.0, 1, None) == 4.0  # no history yet: the whole budget
+    assert policy.attempt_timeout(4.0, 3, 0.01) == 4.0  # the last attempt
 
 
 async def test_a_full_queue_is_retried_and_the_attempts_counted(
@@ -32,7 +35,7 @@ async def test_a_full_queue_is_retried_and_the_attempts_counted(
 ) -> None:
     x = {"x": np.zeros((1, 4), dtype=np.float32)}
     results = await asyncio.gather(
-        *(client.infer("slow", x, timeout=20) for _ in range(40)), return_exceptions=True
+        *(client.infer("slow", x, timeout=20) for _ in range(60)), return_exceptions=True
     )
     served = [r for r in results if isinstance(r, inferbus.InferResult)]
     assert any(r.attempts > 1 for r in served), "nothing needed a retry"
@@ -80,3 +83,13 @@ async def test_a_worker_killed_under_load_loses_no_request(
     assert all(np.array_equal(r["y"], np.full((1, 4), 2.0)) for r in results)
     retried = sum(r.attempts > 1 for r in results)
     print(f"{retried} of 480 requests were retried after the SIGKILL")
+
+
+async def test_a_slow_model_is_not_cut_short(
+    worker: inferbus.Worker, client: inferbus.Client
+) -> None:
+    """slow takes 0.2 s: a 0.35 s budget is enough, retries or not."""
+    x = {"x": np.zeros((1, 4), dtype=np.float32)}
+    for _ in range(3):
+        result = await client.infer("slow", x, timeout=0.35)
+        assert result.attempts == 1

@@ -146,6 +146,9 @@ def decode_error(body: bytes) -> str:
 
 
 def _frame(header: dict[str, Any], key: str, tensors: Tensors, codecs: Choices) -> bytes:
+    if isinstance(codecs, Mapping) and not codecs.keys() <= tensors.keys():
+        unknown = sorted(codecs.keys() - tensors.keys())
+        raise BadInput(f"codecs name tensors {unknown} that are not in {sorted(tensors)}")
     entries: list[dict[str, Any]] = []
     buffers: list[bytes | memoryview] = [b"", b""]  # room for the prefix and the JSON
     for name, value in tensors.items():

@@ -38,13 +38,23 @@ class RetryPolicy:
         """Full jitter (AWS's advice): uniform in [0, capped exponential]."""
         return random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
 
-    def attempt_timeout(self, remaining: float, attempt: int) -> float:
-        """Half the budget while attempts remain, so a lost worker leaves time to retry."""
-        return remaining if attempt >= self.max_attempts else remaining / 2
+    def attempt_timeout(self, remaining: float, attempt: int, typical: float | None) -> float:
+        """How long one attempt may wait for its reply.
+
+        While attempts remain, half the budget — but never less than four times what this
+        model usually takes, so a slow model is not cut short; with no history yet, and on
+        the last attempt, the whole budget. A worker that died with the request thus leaves
+        time to try another.
+        """
+        if attempt >= self.max_attempts or typical is None:
+            return remaining
+        return min(remaining, max(remaining / 2, 4 * typical + 0.05))
 
     def should_retry(self, error: RequestError, attempt: int, elapsed: float) -> bool:
         if attempt >= self.max_attempts:
             return False
         if isinstance(error, ModelNotFound):
             return elapsed < self.not_found_grace_s
-        return isinstance(error, Overloaded | Unavailable | DeadlineExceeded)
+        if isinstance(error, DeadlineExceeded):
+            return error.silent  # no reply at all; a worker's own 504 means the budget is gone
+        return isinstance(error, Overloaded | Unavailable)

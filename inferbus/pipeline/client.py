@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -42,11 +43,12 @@ from inferbus.pipeline.discovery import ModelInfo, models_from_infos, serves, se
 from inferbus.pipeline.subjects import ERROR_CODE_HEADER, infer_subject
 
 DEFAULT_TIMEOUT = 10.0
+STOP_WAIT_S = 10.0
 log = logging.getLogger("inferbus.client")
 Inputs = np.ndarray | Mapping[str, np.ndarray]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # arrays have no single truth value to compare
 class InferResult(Mapping[str, np.ndarray]):
     """A model's named outputs (a read-only mapping) and where they came from."""
 
@@ -90,6 +92,10 @@ class Client(AsyncResource):
         self._nats: NatsClient | None = None
         self._described: dict[tuple[str, int | None], ModelInfo] = {}
         self._subjects: dict[tuple[str, int | None], str] = {}
+        self._typical: dict[str, float] = {}
+        self._busy = 0  # calls in flight, so that stop() can let them finish
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._slots = asyncio.Semaphore(max_in_flight)
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid()}-{id(self):x}-"
@@ -107,9 +113,12 @@ class Client(AsyncResource):
             self._nats = await connect_nats(self.options)
 
     async def stop(self) -> None:
-        """Finish what is in flight and disconnect (``async with`` does this)."""
+        """Let calls in flight finish (up to ``STOP_WAIT_S``), then disconnect."""
+        if self._nats is not None and self._busy:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), STOP_WAIT_S)
         client, self._nats = self._nats, None
-        if client is not None:
+        if client is not None and not client.is_closed:
             await client.drain()
 
     async def infer(
@@ -157,9 +166,34 @@ class Client(AsyncResource):
                          wait * 1e3)  # fmt: skip
                 await asyncio.sleep(wait)
                 continue
+            took = time.monotonic() - started
+            typical = self._typical.get(model)
+            # Slow-moving average of how long this model's calls take, for attempt timeouts.
+            self._typical[model] = took if typical is None else 0.9 * typical + 0.1 * took
             return dataclasses.replace(result, attempts=attempt)
 
     async def _attempt(
+        self,
+        subject: str,
+        model: str,
+        named: Mapping[str, np.ndarray],
+        request_id: str,
+        deadline: float,
+        attempt: int,
+        options: tuple[tuple[str, ...], Choices, str | None],
+    ) -> InferResult:
+        self._busy += 1
+        self._idle.clear()
+        try:
+            return await self._attempt_in_slot(
+                subject, model, named, request_id, deadline, attempt, options
+            )
+        finally:
+            self._busy -= 1
+            if not self._busy:
+                self._idle.set()
+
+    async def _attempt_in_slot(
         self,
         subject: str,
         model: str,
@@ -175,7 +209,7 @@ class Client(AsyncResource):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded("the time budget ran out waiting for a request slot")
-            budget = self.retry.attempt_timeout(remaining, attempt)
+            budget = self.retry.attempt_timeout(remaining, attempt, self._typical.get(model))
             request = InferRequest(request_id, named, outputs, int(budget * 1e6), reply_codec)
             body = encode_request(request, codec)
             if len(body) > self.nats.max_payload:
@@ -225,7 +259,9 @@ class Client(AsyncResource):
         except NoRespondersError:
             raise ModelNotFound(f"no worker serves {subject}", model=model) from None
         except NatsTimeoutError:
-            raise DeadlineExceeded(f"no reply within {timeout:g}s", model=model) from None
+            raise DeadlineExceeded(
+                f"no reply within {timeout:g}s", model=model, silent=True
+            ) from None
         except ConnectionClosedError as exc:
             raise Unavailable(f"NATS connection closed: {exc}", model=model) from exc
 
