@@ -42,6 +42,7 @@ class ModelRow:
     compute_ms: float
     pending: int
     requests_per_s: float = 0.0
+    unhealthy: list[str] = field(default_factory=list)  # reasons, one per unfit worker
 
 
 @dataclass(slots=True)
@@ -95,8 +96,11 @@ def _model_rows(stats: list[dict[str, Any]]) -> list[ModelRow]:
             if len(tokens) != 4 or not tokens[3].isdigit() or not isinstance(data, dict):
                 continue
             name, version = tokens[2], tokens[3]
-            row = totals.setdefault((name, version), {"workers": 0, "codes": {}, **dict.fromkeys(
-                (*_COUNTERS, "pending"), 0)})  # fmt: skip
+            row = totals.setdefault((name, version), {"workers": 0, "codes": {}, "unfit": [],
+                                    **dict.fromkeys((*_COUNTERS, "pending"), 0)})  # fmt: skip
+            health = str(data.get("health", "ready"))
+            if health != "ready":
+                row["unfit"].append(f"{reply.get('id', '?')}: {health}")
             row["workers"] += 1
             for key in (*_COUNTERS, "pending"):
                 row[key] += int(data.get(key, 0))
@@ -121,6 +125,7 @@ def _row(name: str, version: str, row: dict[str, Any]) -> ModelRow:
         queue_ms=_ratio(row["queue_ns"], row["inference_count"], 1e6),
         compute_ms=_ratio(row["compute_ns"], row["execution_count"], 1e6),
         pending=row["pending"],
+        unhealthy=row["unfit"],
     )
 
 
@@ -151,4 +156,5 @@ def render(status: ClusterStatus) -> str:
         lines.append(f"{m.name + ' v' + m.version:20} {m.workers:>7} {m.requests_per_s:>8.1f} "
                      f"{m.requests:>9} {m.errors:>7} {m.mean_batch_size:>6.1f} {m.queue_ms:>9.2f} "
                      f"{m.compute_ms:>10.2f} {m.pending:>7}")  # fmt: skip
+        lines += [f"  ! {reason}" for reason in m.unhealthy]
     return "\n".join(lines)

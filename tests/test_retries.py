@@ -93,3 +93,34 @@ async def test_a_slow_model_is_not_cut_short(
     for _ in range(3):
         result = await client.infer("slow", x, timeout=0.35)
         assert result.attempts == 1
+
+
+async def test_sigterm_under_load_fails_nothing(
+    nats_server: inferbus.EmbeddedServer, client: inferbus.Client
+) -> None:
+    """A worker drained with SIGTERM while requests flow: zero failed requests."""
+    first = start_worker_process(nats_server.url, "add")
+    second = start_worker_process(nats_server.url, "add")
+    try:
+        for _ in range(200):
+            models = await client.models(timeout=0.1)
+            if any(m.name == "add" and len(m.workers) == 2 for m in models):
+                break
+        x = {"x": np.ones((1, 4), dtype=np.float32)}
+
+        async def steady(count: int) -> int:
+            for _ in range(count):
+                await client.infer("add", x, version=1, timeout=3)
+                await asyncio.sleep(0.005)
+            return count
+
+        load = [asyncio.create_task(steady(60)) for _ in range(8)]
+        await asyncio.sleep(0.3)
+        first.send_signal(signal.SIGTERM)
+        done = sum(await asyncio.gather(*load))
+        assert await asyncio.to_thread(first.wait, 20) == 0
+    finally:
+        for process in (first, second):
+            process.kill()
+            process.communicate()
+    assert done == 480
