@@ -131,7 +131,8 @@ class EmbeddedServer:
         log = Path(self._workdir.name) / "nats-server.log"
         config.write_text(self.config_text())
         command = [str(find_binary()), "-c", str(config), "-l", str(log)]
-        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        # Its own session: a Ctrl-C meant for us must not stop it before our workers drain.
+        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             self._wait_until_ready(timeout, log)
         except BaseException:

@@ -98,6 +98,13 @@ class TensorRTEngine(Engine):
             if buffer.profile is None:
                 shape = tuple(self._context.get_tensor_shape(buffer.spec.name))
                 nbytes = math.prod(shape) * buffer.dtype.itemsize
+                if min(shape, default=0) < 0 or nbytes > buffer.host.nbytes:
+                    # Never copy past the allocation: a data-dependent or unforeseen shape.
+                    raise EngineFailure(
+                        f"output {buffer.spec.name!r} has shape {list(shape)}, beyond the "
+                        f"{buffer.host.nbytes} bytes allocated for it",
+                        model=self.config.name,
+                    )
                 self._copy(buffer.host_pointer, buffer.device_pointer, nbytes,
                            copy.cudaMemcpyDeviceToHost)  # fmt: skip
                 pending.append((buffer, shape, nbytes))
