@@ -48,3 +48,12 @@ async def raw_nats(nats_server: inferbus.EmbeddedServer) -> AsyncIterator[NatsCl
     connection = await nats.connect(nats_server.url)
     yield connection
     await connection.close()
+
+
+async def wait_for_workers(client: inferbus.Client, model: str, count: int) -> None:
+    """Until ``count`` workers announce ``model`` (a worker subscribes before it announces)."""
+    for _ in range(200):
+        found = [m for m in await client.models(timeout=0.1) if m.name == model]
+        if found and min(len(m.workers) for m in found) >= count:
+            return
+    raise AssertionError(f"{count} workers never served {model}")

@@ -12,7 +12,7 @@ import numpy as np
 import inferbus
 from inferbus.natsserver import Cluster, EmbeddedServer, free_port
 from inferbus.pipeline._connection import ConnectOptions
-from tests.conftest import TEST_MODELS
+from tests.conftest import TEST_MODELS, wait_for_workers
 
 
 @contextlib.contextmanager
@@ -30,15 +30,6 @@ def three_nodes() -> Iterator[list[EmbeddedServer]]:
         yield servers
 
 
-async def wait_for_cluster(url: str, workers: int) -> None:
-    async with inferbus.connect(url) as client:
-        for _ in range(200):
-            found = [m for m in await client.models(timeout=0.1) if m.name == "add"]
-            if found and len(found[0].workers) >= workers:
-                return
-    raise AssertionError("the cluster never saw the workers")
-
-
 async def test_a_node_dies_under_load() -> None:
     configs = [c for c in inferbus.load_repository(TEST_MODELS) if c.name == "add"]
     with three_nodes() as (first, second, third):
@@ -47,22 +38,22 @@ async def test_a_node_dies_under_load() -> None:
         async with (
             inferbus.Worker(configs, ordered),
             inferbus.Worker(configs, ordered),
+            inferbus.connect([second.url, third.url]) as client,
         ):
-            await wait_for_cluster(second.url, workers=2)
-            async with inferbus.connect([second.url, third.url]) as client:
-                x = {"x": np.ones((1, 4), dtype=np.float32)}
+            await wait_for_workers(client, "add", 2)
+            x = {"x": np.ones((1, 4), dtype=np.float32)}
 
-                async def steady(count: int) -> list[inferbus.InferResult]:
-                    results = []
-                    for _ in range(count):
-                        results.append(await client.infer("add", x, version=1, timeout=5))
-                        await asyncio.sleep(0.01)
-                    return results
+            async def steady(count: int) -> list[inferbus.InferResult]:
+                results = []
+                for _ in range(count):
+                    results.append(await client.infer("add", x, version=1, timeout=5))
+                    await asyncio.sleep(0.01)
+                return results
 
-                load = [asyncio.create_task(steady(80)) for _ in range(4)]
-                await asyncio.sleep(0.3)
-                first.kill()  # the workers' node dies
-                results = [r for batch in await asyncio.gather(*load) for r in batch]
+            load = [asyncio.create_task(steady(80)) for _ in range(4)]
+            await asyncio.sleep(0.3)
+            first.kill()  # the workers' node dies
+            results = [r for batch in await asyncio.gather(*load) for r in batch]
     assert len(results) == 320
     assert all(np.array_equal(r["y"], np.full((1, 4), 2.0)) for r in results)
     print(f"{sum(r.attempts > 1 for r in results)} of 320 requests needed a retry")

@@ -11,7 +11,8 @@ import pytest
 
 import inferbus
 from inferbus.errors import DeadlineExceeded, EngineFailure, ModelNotFound, Overloaded
-from tests.test_worker_lifecycle import start_worker_process, wait_until_served
+from tests.conftest import wait_for_workers
+from tests.test_worker_lifecycle import start_worker_process
 
 
 def test_policy_decides_what_to_retry() -> None:
@@ -57,11 +58,7 @@ async def test_a_worker_killed_under_load_loses_no_request(
     first = start_worker_process(nats_server.url, "add")
     second = start_worker_process(nats_server.url, "add")
     try:
-        for _ in range(200):
-            models = await client.models(timeout=0.1)
-            if any(m.name == "add" and len(m.workers) == 2 for m in models):
-                break
-        await wait_until_served(client, "add")
+        await wait_for_workers(client, "add", 2)
         x = {"x": np.ones((1, 4), dtype=np.float32)}
 
         async def steady(count: int) -> list[inferbus.InferResult]:
@@ -102,10 +99,7 @@ async def test_sigterm_under_load_fails_nothing(
     first = start_worker_process(nats_server.url, "add")
     second = start_worker_process(nats_server.url, "add")
     try:
-        for _ in range(200):
-            models = await client.models(timeout=0.1)
-            if any(m.name == "add" and len(m.workers) == 2 for m in models):
-                break
+        await wait_for_workers(client, "add", 2)
         x = {"x": np.ones((1, 4), dtype=np.float32)}
 
         async def steady(count: int) -> int:
