@@ -104,3 +104,23 @@ async def test_sigterm_drains_requests_in_flight(
     assert "draining" in output
     with pytest.raises(inferbus.ModelNotFound):
         await client.infer("slow", {"x": x})
+
+
+def test_discovery_skips_endpoints_it_cannot_read() -> None:
+    from inferbus.pipeline.discovery import models_from_infos
+
+    spec = {"name": "x", "datatype": "FP32", "shape": [-1]}
+    signature = orjson.dumps({"inputs": [spec], "outputs": [{**spec, "name": "y"}]}).decode()
+    good = {
+        "model": "m", "version": "1", "engine": "onnxruntime", "device": "cpu",
+        "max_batch_size": "4", "signature": signature,
+    }  # fmt: skip
+    odd = [
+        {**good, "version": "two"},
+        {**good, "signature": "{not json"},
+        {**good, "signature": good["signature"].replace("FP32", "BF16")},
+        {"unrelated": "service"},
+    ]
+    infos = [{"id": "W", "endpoints": [{"metadata": meta} for meta in [good, *odd]]}]
+    (model,) = models_from_infos(infos)
+    assert (model.name, model.version, model.max_batch_size) == ("m", 1, 4)

@@ -52,6 +52,7 @@ from inferbus.repository import ModelConfig
 # A hop to a thread and back costs ~160 µs here (DESIGN.md): engines faster than this run inline.
 INLINE_BELOW_S: Final = 200e-6
 TIMING_BATCH: Final = 64
+DECODE_OFF_LOOP_BYTES: Final = 1 << 20  # larger bodies are decoded on a thread
 REPLY_TRANSFER_S: Final = 60.0  # a large reply's time limit when the request set no budget
 
 log = logging.getLogger("inferbus.worker")
@@ -202,7 +203,11 @@ class ServedModel:
         """Admit one request body (a message's, or one assembled from a transfer)."""
         received_ns = time.perf_counter_ns()
         try:
-            work = self._admit(data, reply, record, received_ns)
+            if len(data) > DECODE_OFF_LOOP_BYTES:  # decompressing 100s of MiB takes a while
+                request = await run_in_thread(None, self._decode, data)
+            else:
+                request = self._decode(data)
+            work = self._admit(request, reply, record, received_ns)
             direct = self._direct and not backlog and not self.queue
             if not direct:
                 self.queue.submit(work, rows=work.rows, key=self._batch_key(work.request))
@@ -217,15 +222,17 @@ class ServedModel:
             outcome = _expired_error() if expired else self._run_batch(self.engines[0], [work])[0]
             await self._reply(work, outcome)
 
-    def _admit(
-        self, data: bytes | bytearray, reply: str, record: EndpointRecord, received_ns: int
-    ) -> _Work:
+    def _decode(self, data: bytes | bytearray) -> InferRequest:
         if len(data) > self.config.max_request_bytes:
             raise PayloadTooLarge(
                 f"request of {len(data)} bytes exceeds max_request_bytes "
                 f"{self.config.max_request_bytes}"
             )
-        request = decode_request(data, self.config.max_request_bytes)
+        return decode_request(data, self.config.max_request_bytes)
+
+    def _admit(
+        self, request: InferRequest, reply: str, record: EndpointRecord, received_ns: int
+    ) -> _Work:
         rows = self._check(request)
         timeout = request.timeout_us
         deadline = None if timeout is None else time.monotonic() + timeout / 1e6

@@ -65,13 +65,27 @@ async def service_infos(client: NatsClient, **kwargs: Any) -> list[dict[str, Any
     return await gather(client, f"$SRV.INFO.{SERVICE_NAME}", **kwargs)
 
 
+def _usable(meta: Any) -> bool:
+    """Endpoint metadata that names a model, an integer version and a readable signature."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), str):
+        return False
+    if not str(meta.get("version", "")).isdigit():
+        return False
+    try:
+        Signature.from_dict(orjson.loads(meta["signature"]))
+        int(meta.get("max_batch_size", 1))
+    except Exception:  # malformed JSON, unknown datatypes, missing keys: skip this endpoint
+        return False
+    return True
+
+
 def models_from_infos(infos: list[dict[str, Any]]) -> list[ModelInfo]:
     """Merge the endpoints of every worker into one record per (model, version)."""
     merged: dict[tuple[str, int], dict[str, Any]] = {}
     for info in infos:
         for endpoint in info.get("endpoints") or []:
             meta = endpoint.get("metadata") or {}
-            if "model" not in meta or "signature" not in meta:
+            if not _usable(meta):  # another service, or a newer worker we cannot read
                 continue
             key = (meta["model"], int(meta["version"]))
             entry = merged.setdefault(key, {"meta": meta, "devices": set(), "workers": set()})
