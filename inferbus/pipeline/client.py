@@ -44,6 +44,7 @@ from inferbus.pipeline.subjects import ERROR_CODE_HEADER, infer_subject
 
 DEFAULT_TIMEOUT = 10.0
 STOP_WAIT_S = 10.0
+DESCRIBE_TTL_S = 60.0
 log = logging.getLogger("inferbus.client")
 Inputs = np.ndarray | Mapping[str, np.ndarray]
 
@@ -90,7 +91,7 @@ class Client(AsyncResource):
         self.options = options
         self.retry = retry or RetryPolicy()
         self._nats: NatsClient | None = None
-        self._described: dict[tuple[str, int | None], ModelInfo] = {}
+        self._described: dict[tuple[str, int | None], tuple[ModelInfo, float]] = {}
         self._subjects: dict[tuple[str, int | None], str] = {}
         self._typical: dict[str, float] = {}
         self._busy = 0  # calls in flight, so that stop() can let them finish
@@ -381,20 +382,22 @@ class Client(AsyncResource):
         return subject
 
     async def describe(self, model: str, version: int | None = None) -> ModelInfo:
-        """The signature and limits of a served model (asked once, then remembered)."""
+        """The signature and limits of a served model (asked again after ``DESCRIBE_TTL_S``,
+        so a redeployed model is seen)."""
         key = (model, version)
-        if key not in self._described:
-            found = [
-                m
-                for m in await self.models(until=serves(model, version))
-                if m.name == model and version in (None, m.version)
-            ]
-            if not found:
-                raise ModelNotFound(
-                    f"no worker serves {infer_subject(model, version)}", model=model
-                )
-            self._described[key] = found[-1]
-        return self._described[key]
+        cached = self._described.get(key)
+        if cached is not None and time.monotonic() - cached[1] < DESCRIBE_TTL_S:
+            return cached[0]
+        found = [
+            m
+            for m in await self.models(until=serves(model, version))
+            if m.name == model and version in (None, m.version)
+        ]
+        if not found:
+            subject = infer_subject(model, version)
+            raise ModelNotFound(f"no worker serves {subject}", model=model)
+        self._described[key] = (found[-1], time.monotonic())
+        return found[-1]
 
     async def _named_items(
         self, model: str, version: int | None, items: Iterable[Inputs]
