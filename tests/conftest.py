@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import nats
+import numpy as np
 import pytest
 from nats.aio.client import Client as NatsClient
 
@@ -57,3 +59,28 @@ async def wait_for_workers(client: inferbus.Client, model: str, count: int) -> N
         if found and min(len(m.workers) for m in found) >= count:
             return
     raise AssertionError(f"{count} workers never served {model}")
+
+
+async def add_under_load(
+    client: inferbus.Client,
+    disrupt: Callable[[], object],
+    *,
+    tasks: int,
+    calls: int,
+    timeout: float,
+    pause: float,
+) -> list[inferbus.InferResult]:
+    """``tasks`` callers each send ``calls`` requests to add v1; ``disrupt`` runs 0.3 s in."""
+    x = {"x": np.ones((1, 4), dtype=np.float32)}
+
+    async def steady() -> list[inferbus.InferResult]:
+        results = []
+        for _ in range(calls):
+            results.append(await client.infer("add", x, version=1, timeout=timeout))
+            await asyncio.sleep(pause)
+        return results
+
+    load = [asyncio.create_task(steady()) for _ in range(tasks)]
+    await asyncio.sleep(0.3)
+    disrupt()
+    return [result for batch in await asyncio.gather(*load) for result in batch]

@@ -3,7 +3,6 @@ under load and every request still succeeds within its budget."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Iterator
 
@@ -12,7 +11,7 @@ import numpy as np
 import inferbus
 from inferbus.natsserver import Cluster, EmbeddedServer, free_port
 from inferbus.pipeline._connection import ConnectOptions
-from tests.conftest import TEST_MODELS, wait_for_workers
+from tests.conftest import TEST_MODELS, add_under_load, wait_for_workers
 
 
 @contextlib.contextmanager
@@ -41,19 +40,10 @@ async def test_a_node_dies_under_load() -> None:
             inferbus.connect([second.url, third.url]) as client,
         ):
             await wait_for_workers(client, "add", 2)
-            x = {"x": np.ones((1, 4), dtype=np.float32)}
-
-            async def steady(count: int) -> list[inferbus.InferResult]:
-                results = []
-                for _ in range(count):
-                    results.append(await client.infer("add", x, version=1, timeout=5))
-                    await asyncio.sleep(0.01)
-                return results
-
-            load = [asyncio.create_task(steady(80)) for _ in range(4)]
-            await asyncio.sleep(0.3)
-            first.kill()  # the workers' node dies
-            results = [r for batch in await asyncio.gather(*load) for r in batch]
+            # The workers' node dies under load.
+            results = await add_under_load(
+                client, first.kill, tasks=4, calls=80, timeout=5, pause=0.01
+            )
     assert len(results) == 320
     assert all(np.array_equal(r["y"], np.full((1, 4), 2.0)) for r in results)
     print(f"{sum(r.attempts > 1 for r in results)} of 320 requests needed a retry")

@@ -36,7 +36,7 @@ from inferbus.codecs.compress import Zstd
 from inferbus.codecs.jpeg import Jpeg
 from inferbus.codecs.raw import Raw
 from inferbus.errors import BadInput, PayloadTooLarge
-from tests._datatypes import NUMERIC
+from tests._datatypes import NUMERIC, random_array
 
 Array = npt.NDArray[Any]
 
@@ -60,16 +60,11 @@ MIB = 1 << 20
 
 def values(datatype: str, shape: tuple[int, ...], seed: int = 0) -> Array:
     """Values over the datatype's whole range (ints), or spread wide with specials (floats)."""
-    rng = np.random.default_rng(seed)
-    dtype = np.dtype(NUMERIC[datatype])
-    if dtype.kind == "b":
-        return rng.integers(0, 2, size=shape).astype(bool)
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        return rng.integers(int(info.min), int(info.max), size=shape, dtype=dtype, endpoint=True)
-    array = (rng.standard_normal(size=shape) * 1000).astype(dtype)
+    array = random_array(datatype, shape, seed)
+    if array.dtype.kind != "f":
+        return array
     flat = array.reshape(-1)
-    specials = np.array([np.nan, np.inf, -np.inf, -0.0], dtype=dtype)
+    specials = np.array([np.nan, np.inf, -np.inf, -0.0], dtype=array.dtype)
     flat[: min(flat.size, specials.size)] = specials[: flat.size]
     return array
 

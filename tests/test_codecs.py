@@ -28,7 +28,7 @@ from inferbus.codecs import (
 )
 from inferbus.engines.signature import Signature, TensorSpec
 from inferbus.errors import BadInput, ConfigError
-from tests._datatypes import NUMERIC
+from tests._datatypes import NUMERIC, random_array
 
 Array = npt.NDArray[Any]
 Decoder = Callable[[bytes], object]
@@ -44,18 +44,6 @@ SHAPES: dict[str, tuple[int, ...]] = {
 
 
 # --------------------------------------------------------------------------------- helpers
-
-
-def random_array(datatype: str, shape: tuple[int, ...], seed: int = 0) -> Array:
-    """Values spread over the datatype's whole range (ints) or a wide range (floats)."""
-    rng = np.random.default_rng(seed)
-    dtype = np.dtype(NUMERIC[datatype])
-    if dtype.kind == "b":
-        return rng.integers(0, 2, size=shape).astype(bool)
-    if dtype.kind in "iu":
-        info = np.iinfo(dtype)
-        return rng.integers(int(info.min), int(info.max), size=shape, dtype=dtype, endpoint=True)
-    return (rng.standard_normal(size=shape) * 1000).astype(dtype)
 
 
 def frame_raw(json_bytes: bytes, data: bytes = b"") -> bytes:

@@ -11,7 +11,7 @@ import pytest
 
 import inferbus
 from inferbus.errors import DeadlineExceeded, EngineFailure, ModelNotFound, Overloaded
-from tests.conftest import wait_for_workers
+from tests.conftest import add_under_load, wait_for_workers
 from tests.test_worker_lifecycle import start_worker_process
 
 
@@ -59,19 +59,8 @@ async def test_a_worker_killed_under_load_loses_no_request(
     second = start_worker_process(nats_server.url, "add")
     try:
         await wait_for_workers(client, "add", 2)
-        x = {"x": np.ones((1, 4), dtype=np.float32)}
-
-        async def steady(count: int) -> list[inferbus.InferResult]:
-            out = []
-            for _ in range(count):
-                out.append(await client.infer("add", x, version=1, timeout=3))
-                await asyncio.sleep(0.005)
-            return out
-
-        load = [asyncio.create_task(steady(60)) for _ in range(8)]
-        await asyncio.sleep(0.3)
-        first.send_signal(signal.SIGKILL)
-        results = [r for batch in await asyncio.gather(*load) for r in batch]
+        kill = lambda: first.send_signal(signal.SIGKILL)  # noqa: E731
+        results = await add_under_load(client, kill, tasks=8, calls=60, timeout=3, pause=0.005)
     finally:
         for process in (first, second):
             process.kill()
@@ -100,18 +89,9 @@ async def test_sigterm_under_load_fails_nothing(
     second = start_worker_process(nats_server.url, "add")
     try:
         await wait_for_workers(client, "add", 2)
-        x = {"x": np.ones((1, 4), dtype=np.float32)}
-
-        async def steady(count: int) -> int:
-            for _ in range(count):
-                await client.infer("add", x, version=1, timeout=3)
-                await asyncio.sleep(0.005)
-            return count
-
-        load = [asyncio.create_task(steady(60)) for _ in range(8)]
-        await asyncio.sleep(0.3)
-        first.send_signal(signal.SIGTERM)
-        done = sum(await asyncio.gather(*load))
+        term = lambda: first.send_signal(signal.SIGTERM)  # noqa: E731
+        results = await add_under_load(client, term, tasks=8, calls=60, timeout=3, pause=0.005)
+        done = len(results)
         assert await asyncio.to_thread(first.wait, 20) == 0
     finally:
         for process in (first, second):

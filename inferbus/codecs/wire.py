@@ -146,7 +146,7 @@ def decode_error(body: bytes) -> str:
 
 
 def _frame(header: dict[str, Any], key: str, tensors: Tensors, codecs: Choices) -> bytes:
-    if isinstance(codecs, Mapping) and not codecs.keys() <= tensors.keys():
+    if codecs is not None and isinstance(codecs, Mapping) and not codecs.keys() <= tensors.keys():
         unknown = sorted(codecs.keys() - tensors.keys())
         raise BadInput(f"codecs name tensors {unknown} that are not in {sorted(tensors)}")
     entries: list[dict[str, Any]] = []

@@ -188,19 +188,16 @@ class ServedModel:
     # No task or future per request: the subscription callback admits a request to the queue,
     # and the consumer that computes its batch publishes its reply.
 
-    async def handle(self, msg: Msg, record: EndpointRecord, backlog: int = 0) -> None:
-        """The subscription callback: admit the request, or answer its error at once.
+    async def admit(
+        self, data: bytes | bytearray, reply: str, record: EndpointRecord, backlog: int = 0
+    ) -> None:
+        """Admit one request body (a message's, or one assembled from a transfer), or answer
+        its error at once.
 
         ``backlog`` is how many messages wait behind this one. With none, an empty queue and
         an engine that runs inline, the request is computed right here: batching could only
         add a task switch. Under load messages queue up and batches form.
         """
-        await self.admit(msg.data, msg.reply, record, backlog)
-
-    async def admit(
-        self, data: bytes | bytearray, reply: str, record: EndpointRecord, backlog: int = 0
-    ) -> None:
-        """Admit one request body (a message's, or one assembled from a transfer)."""
         received_ns = time.perf_counter_ns()
         try:
             if len(data) > DECODE_OFF_LOOP_BYTES:  # decompressing 100s of MiB takes a while

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import logging
 import os
@@ -171,7 +170,7 @@ class Client(AsyncResource):
             typical = self._typical.get(model)
             # Slow-moving average of how long this model's calls take, for attempt timeouts.
             self._typical[model] = took if typical is None else 0.9 * typical + 0.1 * took
-            return dataclasses.replace(result, attempts=attempt)
+            return result
 
     async def _attempt(
         self,
@@ -183,44 +182,30 @@ class Client(AsyncResource):
         attempt: int,
         options: tuple[tuple[str, ...], Choices, str | None],
     ) -> InferResult:
-        self._busy += 1
+        outputs, codec, reply_codec = options
+        self._busy += 1  # stop() lets calls in flight finish
         self._idle.clear()
         try:
-            return await self._attempt_in_slot(
-                subject, model, named, request_id, deadline, attempt, options
-            )
+            async with self._slots:
+                # The budget is the caller's: time spent waiting for a slot comes out of it.
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DeadlineExceeded("the time budget ran out waiting for a request slot")
+                budget = self.retry.attempt_timeout(remaining, attempt, self._typical.get(model))
+                request = InferRequest(request_id, named, outputs, int(budget * 1e6), reply_codec)
+                body = encode_request(request, codec)
+                if len(body) > self.nats.max_payload:
+                    reply = await self._request_large(subject, body, budget, model)
+                else:
+                    reply = await self._request(subject, body, budget, model)
+                data: bytes | bytearray = reply.data
+                if is_offer(reply):  # the reply itself is too large for one message
+                    data = await self._receive(reply, deadline - time.monotonic(), model)
         finally:
             self._busy -= 1
             if not self._busy:
                 self._idle.set()
-
-    async def _attempt_in_slot(
-        self,
-        subject: str,
-        model: str,
-        named: Mapping[str, np.ndarray],
-        request_id: str,
-        deadline: float,
-        attempt: int,
-        options: tuple[tuple[str, ...], Choices, str | None],
-    ) -> InferResult:
-        outputs, codec, reply_codec = options
-        async with self._slots:
-            # The budget is the caller's: time spent waiting for a slot comes out of it.
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeadlineExceeded("the time budget ran out waiting for a request slot")
-            budget = self.retry.attempt_timeout(remaining, attempt, self._typical.get(model))
-            request = InferRequest(request_id, named, outputs, int(budget * 1e6), reply_codec)
-            body = encode_request(request, codec)
-            if len(body) > self.nats.max_payload:
-                reply = await self._request_large(subject, body, budget, model)
-            else:
-                reply = await self._request(subject, body, budget, model)
-            data: bytes | bytearray = reply.data
-            if is_offer(reply):  # the reply itself is too large for one message
-                data = await self._receive(reply, deadline - time.monotonic(), model)
-        return _result(reply, data, model)
+        return _result(reply, data, model, attempt)
 
     async def _request_large(self, subject: str, body: bytes, timeout: float, model: str) -> Msg:
         """Send a body above max_payload in chunks; the reply comes to a private inbox."""
@@ -432,7 +417,7 @@ class Client(AsyncResource):
         return models_from_infos(infos)
 
 
-def _result(reply: Msg, data: bytes | bytearray, model: str) -> InferResult:
+def _result(reply: Msg, data: bytes | bytearray, model: str, attempts: int) -> InferResult:
     code = (reply.headers or {}).get(ERROR_CODE_HEADER)
     if code is not None:
         number = int(code) if code.isascii() and code.isdigit() else 500
@@ -441,7 +426,9 @@ def _result(reply: Msg, data: bytes | bytearray, model: str) -> InferResult:
         response = decode_response(data)
     except BadInput as exc:  # the worker broke the protocol; the caller's input was fine
         raise EngineFailure(f"malformed reply: {exc.message}", model=model) from exc
-    return InferResult(response.outputs, response.model_name, response.model_version, response.id)
+    return InferResult(
+        response.outputs, response.model_name, response.model_version, response.id, attempts
+    )
 
 
 def connect(

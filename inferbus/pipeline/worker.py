@@ -139,7 +139,7 @@ class Worker(AsyncResource):
                 await model.accept_transfer(msg, record)
                 return
             backlog = route.subscription.pending_msgs if route.subscription is not None else 0
-            await model.handle(msg, record, backlog)
+            await model.admit(msg.data, msg.reply, record, backlog)
 
         route.subscription = await self._client.subscribe(
             record.subject, queue=record.queue_group, cb=enqueue
