@@ -257,7 +257,7 @@ VERDICT = """
   out of reach on this machine whatever inferbus does; inferbus itself then costs ~5-10 µs
   per sample on the client (one result object per item, slicing, the async iterator). Arrays
   are now sliced into items without copies instead of concatenated per request.
-- **8 MiB, one message each way.** At the line: five runs on this machine gave 0.87x to
+- **8 MiB, one message each way.** At the line: six runs on this machine gave 0.80x to
   0.97x. Beyond raw nats-py's own copies, inferbus makes three of 8 MiB per round trip: the
   framing join on each side, and the engine's output (Identity in onnxruntime still writes a
   new tensor). Decoding is zero-copy.
