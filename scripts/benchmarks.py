@@ -257,10 +257,10 @@ VERDICT = """
   out of reach on this machine whatever inferbus does; inferbus itself then costs ~5-10 µs
   per sample on the client (one result object per item, slicing, the async iterator). Arrays
   are now sliced into items without copies instead of concatenated per request.
-- **8 MiB, one message each way.** At the line: six runs on this machine gave 0.80x to
-  0.97x. Beyond raw nats-py's own copies, inferbus makes three of 8 MiB per round trip: the
-  framing join on each side, and the engine's output (Identity in onnxruntime still writes a
-  new tensor). Decoding is zero-copy.
+- **8 MiB, one message each way.** Near the line, not reliably met: six runs on this
+  machine gave 0.80x to 0.97x. Beyond raw nats-py's own copies, inferbus makes three of
+  8 MiB per round trip: the framing join on each side, and the engine's output (Identity
+  in onnxruntime still writes a new tensor). Decoding is zero-copy.
 - **64 MiB through a 1 MB server.** Chunking beats one 64 MiB message, but by less than 1.5x
   here. The transfer itself runs at ~200 MB/s one way (measured alone, window 8, ~1 MB
   chunks; windows of 16 or 32 and chunks of 256 KiB to 4 MiB were no faster); what bounds it

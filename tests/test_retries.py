@@ -32,12 +32,15 @@ def test_policy_decides_what_to_retry() -> None:
 
 
 async def test_a_full_queue_is_retried_and_the_attempts_counted(
-    worker: inferbus.Worker, client: inferbus.Client
+    worker: inferbus.Worker, nats_server: inferbus.EmbeddedServer
 ) -> None:
     x = {"x": np.zeros((1, 4), dtype=np.float32)}
-    results = await asyncio.gather(
-        *(client.infer("slow", x, timeout=20) for _ in range(60)), return_exceptions=True
-    )
+    # slow frees 8 places every 0.2 s: backoff long enough that a retry can find one.
+    patient = inferbus.RetryPolicy(max_attempts=10, backoff_s=0.1)
+    async with inferbus.connect(nats_server.url, retry=patient) as client:
+        results = await asyncio.gather(
+            *(client.infer("slow", x, timeout=20) for _ in range(60)), return_exceptions=True
+        )
     served = [r for r in results if isinstance(r, inferbus.InferResult)]
     assert any(r.attempts > 1 for r in served), "nothing needed a retry"
     assert all(isinstance(r, inferbus.InferResult | Overloaded) for r in results)
