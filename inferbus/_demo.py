@@ -17,8 +17,8 @@ from pathlib import Path
 
 from inferbus.errors import InferbusError
 from inferbus.natsserver import EmbeddedServer
-from inferbus.pipeline._connection import ConnectOptions
 from inferbus.pipeline.client import Client
+from inferbus.pipeline.connection import ConnectOptions
 from inferbus.repository import load_repository
 
 READY_TIMEOUT_S = 60.0

@@ -14,19 +14,19 @@ from typing import Any
 import numpy as np
 import orjson
 
-from inferbus import __version__
 from inferbus.errors import InferbusError
 from inferbus.natsserver import DEFAULT_MAX_PAYLOAD, DEFAULT_PORT, EmbeddedServer
-from inferbus.pipeline._connection import (
+from inferbus.pipeline.client import Client
+from inferbus.pipeline.connection import (
     SERVERS_ENV,
     ConnectOptions,
     default_servers,
     split_servers,
 )
-from inferbus.pipeline.client import Client
 from inferbus.pipeline.discovery import ModelInfo
 from inferbus.pipeline.worker import Worker
 from inferbus.repository import load_repository
+from inferbus.version import __version__
 
 log = logging.getLogger("inferbus")
 

@@ -7,16 +7,15 @@ subclasses the engine to add node-side pre/post-processing.
 
 from __future__ import annotations
 
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 
+from inferbus.contract import NAME_PATTERN
 from inferbus.errors import ConfigError
 
-NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]+")  # use with fullmatch
 CONFIG_FILE: Final = "config.toml"
 DEFAULT_MAX_REQUEST_BYTES: Final = 512 * 1024 * 1024
 # auto: on the event loop when the engine is faster than a hop to a thread, else on a thread.

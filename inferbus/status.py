@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from inferbus.contract import SERVICE_NAME
 from inferbus.pipeline.client import Client
 from inferbus.pipeline.discovery import gather
-from inferbus.pipeline.subjects import SERVICE_NAME
 
 _COUNTERS = ("request_count", "failure_count", "inference_count", "execution_count",
              "batch_rows", "queue_ns", "compute_ns")  # fmt: skip
@@ -80,11 +80,11 @@ async def snapshot(client: Client, timeout: float = 0.5) -> ClusterStatus:
             engines=sorted({m.get("engine", "?") for m in versioned}),
             devices=sorted({m.get("device", "?") for m in versioned}),
         ))  # fmt: skip
-    status.models = _model_rows(stats)
+    status.models = model_rows(stats)
     return status
 
 
-def _model_rows(stats: list[dict[str, Any]]) -> list[ModelRow]:
+def model_rows(stats: list[dict[str, Any]]) -> list[ModelRow]:
     """One row per model version, summed over workers; each version's data is read from its
     versioned endpoint only (the unversioned one shares the same counters)."""
     totals: dict[tuple[str, str], dict[str, Any]] = {}

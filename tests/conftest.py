@@ -12,7 +12,7 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 import inferbus
-from inferbus.pipeline._connection import ConnectOptions
+from inferbus.pipeline.connection import ConnectOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_MODELS = ROOT / "tests" / "models"

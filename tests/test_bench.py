@@ -11,7 +11,7 @@ import pytest
 
 import inferbus
 from inferbus.bench import BenchConfig, inputs_from_file, inputs_from_signature, report, run_bench
-from inferbus.engines.signature import Signature, TensorSpec
+from inferbus.contract import Signature, TensorSpec
 from tests.conftest import TEST_MODELS
 from tests.test_examples_and_cli import run_cli, worker_process
 

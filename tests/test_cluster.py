@@ -10,7 +10,7 @@ import numpy as np
 
 import inferbus
 from inferbus.natsserver import Cluster, EmbeddedServer, free_port
-from inferbus.pipeline._connection import ConnectOptions
+from inferbus.pipeline.connection import ConnectOptions
 from tests.conftest import TEST_MODELS, add_under_load, wait_for_workers
 
 

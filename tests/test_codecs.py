@@ -26,7 +26,14 @@ from inferbus.codecs import (
     encode_response,
     numpy_dtype,
 )
-from inferbus.engines.signature import Signature, TensorSpec
+from inferbus.contract import (
+    ERROR_CODE_HEADER,
+    ERROR_HEADER,
+    MAX_ERROR_TEXT,
+    Signature,
+    TensorSpec,
+    error_reply,
+)
 from inferbus.errors import BadInput, ConfigError
 from tests._datatypes import NUMERIC, random_array
 
@@ -809,6 +816,10 @@ def test_signature_dict_round_trip_and_examples() -> None:
     SIGNATURE.check_inputs(decoded)
 
 
-def test_error_text_is_capped() -> None:
+def test_error_text_is_capped_in_body_and_header_alike() -> None:
     """Error text repeats parts of the request; a reply must stay small whatever it says."""
-    assert decode_error(encode_error("x" * 10_000)) == "x" * 1024
+    body, headers = error_reply(BadInput("x\r\n" * 10_000))
+    assert decode_error(body) == ("x\r\n" * 342)[:MAX_ERROR_TEXT]
+    assert MAX_ERROR_TEXT == 1024
+    assert headers[ERROR_HEADER] == " ".join(["x"] * 342)  # one line, within the cap
+    assert headers[ERROR_CODE_HEADER] == "400"

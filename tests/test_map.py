@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import inferbus
-from inferbus.pipeline._mapping import pack_items, slices, unpack
+from inferbus.pipeline.mapping import pack_items, slices, unpack
 
 
 def items(n: int) -> list[dict[str, np.ndarray]]:

@@ -16,12 +16,14 @@ def test_exported_members() -> None:
         "bench",
         "cli",
         "codecs",
+        "contract",
         "engines",
         "errors",
         "natsserver",
         "pipeline",
         "repository",
         "status",
+        "version",
     }
     assert public - submodules == set(inferbus.__all__) - {"__version__"}
     for name in inferbus.__all__:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import inferbus
-from inferbus.pipeline._connection import ConnectOptions
+from inferbus.pipeline.connection import ConnectOptions
 from tests.conftest import TEST_MODELS
 
 

@@ -63,12 +63,12 @@ async def test_rates_and_the_table(client: inferbus.Client) -> None:
 
 
 def test_unfit_workers_are_listed_with_the_reason() -> None:
-    from inferbus.status import _model_rows
+    from inferbus.status import model_rows
 
     data = {"request_count": 3, "health": "unhealthy: engine call running for 31s (hung?)"}
     endpoint = {"name": "m_v1", "subject": "inferbus.infer.m.1", "data": data}
     unversioned = {"name": "m", "subject": "inferbus.infer.m", "data": data}  # same counters
-    (row,) = _model_rows([{"id": "W1", "endpoints": [endpoint, unversioned]}])
+    (row,) = model_rows([{"id": "W1", "endpoints": [endpoint, unversioned]}])
     assert (row.name, row.version, row.requests) == ("m", "1", 3)
     assert row.unhealthy == ["W1: unhealthy: engine call running for 31s (hung?)"]
     assert "! W1: unhealthy" in render(ClusterStatus(taken=0, models=[row]))

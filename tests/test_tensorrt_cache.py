@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import inferbus
-from inferbus.engines.signature import TensorSpec
+from inferbus.contract import TensorSpec
 from inferbus.engines.tensorrt.cache import (
     BuildSettings,
     Target,

@@ -15,8 +15,8 @@ from nats.aio.client import Client as NatsClient
 
 import inferbus
 from inferbus.codecs import InferRequest, encode_request
-from inferbus.pipeline import _transfer as transfer
-from inferbus.pipeline._connection import ConnectOptions
+from inferbus.pipeline import transfer
+from inferbus.pipeline.connection import ConnectOptions
 from tests.conftest import TEST_MODELS
 from tests.test_worker_lifecycle import start_worker_process, wait_until_served
 

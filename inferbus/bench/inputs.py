@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from inferbus.codecs import BYTES, numpy_dtype
-from inferbus.engines.signature import Signature, TensorSpec
+from inferbus.contract import Signature, TensorSpec
 from inferbus.errors import BadInput
 
 

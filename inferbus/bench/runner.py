@@ -10,10 +10,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from inferbus.contract import SERVICE_NAME
 from inferbus.errors import BadInput, RequestError
 from inferbus.pipeline.client import Client
 from inferbus.pipeline.discovery import gather
-from inferbus.pipeline.subjects import SERVICE_NAME
 
 Sample = tuple[float, float, bool]  # completion time, latency in seconds, succeeded
 _SERVER_FIELDS = ("inference_count", "execution_count", "batch_rows", "queue_ns", "compute_ns")

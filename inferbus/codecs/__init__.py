@@ -1,6 +1,9 @@
 """Pure, I/O-free conversions between numpy tensors and the bytes inferbus puts on NATS."""
 
 from inferbus.codecs._datatypes import BYTES, DATATYPES, datatype_of, numpy_dtype
+from inferbus.codecs.base import Choices, Codec, CodecChoice
+from inferbus.codecs.jpeg import Jpeg
+from inferbus.codecs.registry import CODECS, get_codec
 from inferbus.codecs.wire import (
     InferRequest,
     InferResponse,
@@ -15,9 +18,14 @@ from inferbus.codecs.wire import (
 
 __all__ = [
     "BYTES",
+    "CODECS",
     "DATATYPES",
+    "Choices",
+    "Codec",
+    "CodecChoice",
     "InferRequest",
     "InferResponse",
+    "Jpeg",
     "Tensors",
     "datatype_of",
     "decode_error",
@@ -26,5 +34,6 @@ __all__ = [
     "encode_error",
     "encode_request",
     "encode_response",
+    "get_codec",
     "numpy_dtype",
 ]

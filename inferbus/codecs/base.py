@@ -14,7 +14,7 @@ from typing import Final, Protocol
 import numpy as np
 
 from inferbus.codecs._datatypes import numpy_dtype
-from inferbus.errors import BadInput, PayloadTooLarge
+from inferbus.errors import PayloadTooLarge
 
 
 class Codec(Protocol):
@@ -49,36 +49,6 @@ def decoded_size(datatype: str, shape: tuple[int, ...], limit: int) -> int:
     return size
 
 
-_REGISTRY: dict[str, Codec] = {}
-
-
-def register(codec: Codec) -> Codec:
-    _REGISTRY[codec.name] = codec
-    return codec
-
-
-def get_codec(name: str) -> Codec:
-    """The codec registered under a wire name (its default settings)."""
-    codec = _REGISTRY.get(name)
-    if codec is None:
-        raise BadInput(f"unknown codec {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return codec
-
-
 CodecChoice = str | Codec
 Choices = CodecChoice | Mapping[str, CodecChoice] | None
 RAW: Final = "raw"
-
-
-def resolve(choice: CodecChoice) -> Codec:
-    return get_codec(choice) if isinstance(choice, str) else choice
-
-
-def codec_for(choices: Choices, tensor: str) -> Codec | None:
-    """The codec chosen for one tensor: one for all, or per name; None means raw."""
-    if choices is None:
-        return None
-    if isinstance(choices, Mapping):
-        choice = choices.get(tensor)
-        return None if choice is None else resolve(choice)
-    return resolve(choices)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Final
 
 import lz4.frame
 import numpy as np
 import zstandard
 
 from inferbus.codecs import raw
-from inferbus.codecs.base import decoded_size, register
+from inferbus.codecs.base import decoded_size
 from inferbus.errors import BadInput, PayloadTooLarge
 
 
@@ -93,5 +94,5 @@ class Lz4:
         return raw.decode(memoryview(plain), datatype, shape)
 
 
-ZSTD = register(Zstd())
-LZ4 = register(Lz4())
+ZSTD: Final = Zstd()
+LZ4: Final = Lz4()

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Final
 
 import numpy as np
 
-from inferbus.codecs.base import decoded_size, register
+from inferbus.codecs.base import decoded_size
 from inferbus.errors import BadInput
 
 
@@ -41,4 +42,4 @@ class Fp16:
         return half.astype(np.float32).reshape(shape)
 
 
-FP16 = register(Fp16())
+FP16: Final = Fp16()

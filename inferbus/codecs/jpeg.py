@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 import numpy as np
 import simplejpeg
 
-from inferbus.codecs.base import decoded_size, register
+from inferbus.codecs.base import decoded_size
 from inferbus.errors import BadInput
 
 _LENGTH = struct.Struct("<I")
@@ -98,4 +99,4 @@ class Jpeg:
         return end
 
 
-JPEG = register(Jpeg())
+JPEG: Final = Jpeg()

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 import struct
+from typing import Final
 
 import numpy as np
 
 from inferbus.codecs._datatypes import BYTES, numpy_dtype
-from inferbus.codecs.base import register
 from inferbus.errors import BadInput
 
 NAME = "raw"
@@ -101,4 +101,4 @@ class Raw:
         return decode(data, datatype, shape)
 
 
-RAW_CODEC = register(Raw())
+RAW_CODEC: Final = Raw()

@@ -19,9 +19,10 @@ from typing import Any, Final, NamedTuple
 import numpy as np
 import orjson
 
-from inferbus.codecs import compress, fp16, jpeg, raw  # noqa: F401  (each registers its codec)
+from inferbus.codecs import raw
 from inferbus.codecs._datatypes import BYTES, DATATYPES, datatype_of
-from inferbus.codecs.base import RAW, Choices, Codec, codec_for, get_codec
+from inferbus.codecs.base import RAW, Choices, Codec
+from inferbus.codecs.registry import codec_for, get_codec
 from inferbus.errors import BadInput, PayloadTooLarge
 
 _PREFIX: Final = struct.Struct("<I")
@@ -126,11 +127,8 @@ def decode_response(body: bytes | bytearray, limit: int = DEFAULT_DECODE_LIMIT) 
     )
 
 
-MAX_ERROR_TEXT: Final = 1024  # error text repeats parts of the request: keep replies small
-
-
 def encode_error(message: str, request_id: str = "") -> bytes:
-    message = message[:MAX_ERROR_TEXT]
+    """An error body; ``inferbus.contract.error_reply`` caps the message first."""
     header = {"id": request_id, "error": message} if request_id else {"error": message}
     json = orjson.dumps(header)
     return _PREFIX.pack(len(json)) + json

@@ -7,9 +7,9 @@ import importlib.util
 import sys
 from typing import Final
 
-from inferbus.engines.base import Engine, Tensors
+from inferbus.contract import Signature, Tensors, TensorSpec
+from inferbus.engines.base import Engine
 from inferbus.engines.onnxruntime import OnnxRuntimeEngine
-from inferbus.engines.signature import Signature, TensorSpec
 from inferbus.engines.tensorrt.engine import TensorRTEngine
 from inferbus.engines.torch import TorchEngine
 from inferbus.errors import ConfigError

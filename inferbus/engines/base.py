@@ -7,15 +7,10 @@ override ``preprocess``/``postprocess`` (which do nothing by default) for node-s
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
 from typing import ClassVar
 
-import numpy as np
-
-from inferbus.engines.signature import Signature
+from inferbus.contract import Signature, Tensors
 from inferbus.repository import ModelConfig
-
-Tensors = Mapping[str, np.ndarray]
 
 
 class Engine(ABC):

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from inferbus.codecs import BYTES
-from inferbus.engines.base import Engine, Tensors
-from inferbus.engines.signature import Signature, TensorSpec
+from inferbus.contract import Signature, Tensors, TensorSpec
+from inferbus.engines.base import Engine
 from inferbus.errors import ConfigError, EngineFailure
 
 

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import itertools
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
+import numpy as np
 import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from inferbus.engines.signature import Signature
-from inferbus.pipeline.subjects import SERVICE_NAME
+from inferbus.contract import Signature, infer_subject, service_subject
+from inferbus.errors import BadInput, ModelNotFound
+
+DESCRIBE_TTL_S: Final = 60.0  # a redeployed model is seen after this long
+Named = Mapping[str, np.ndarray]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +68,7 @@ async def gather(
 
 
 async def service_infos(client: NatsClient, **kwargs: Any) -> list[dict[str, Any]]:
-    return await gather(client, f"$SRV.INFO.{SERVICE_NAME}", **kwargs)
+    return await gather(client, service_subject("INFO"), **kwargs)
 
 
 def _usable(meta: Any) -> bool:
@@ -116,3 +122,55 @@ def serves(name: str, version: int | None) -> Callable[[dict[str, Any]], bool]:
         return False
 
     return check
+
+
+class Directory:
+    """What the cluster serves, as the client sees it: models, and each one's signature cached
+    for ``DESCRIBE_TTL_S``."""
+
+    def __init__(self, nats: NatsClient) -> None:
+        self.nats = nats
+        self._described: dict[tuple[str, int | None], tuple[ModelInfo, float]] = {}
+
+    async def models(
+        self, *, timeout: float = 0.5, until: Callable[[dict[str, Any]], bool] | None = None
+    ) -> list[ModelInfo]:
+        return models_from_infos(await service_infos(self.nats, timeout=timeout, until=until))
+
+    async def describe(self, model: str, version: int | None = None) -> ModelInfo:
+        key = (model, version)
+        cached = self._described.get(key)
+        if cached is not None and time.monotonic() - cached[1] < DESCRIBE_TTL_S:
+            return cached[0]
+        found = [
+            m
+            for m in await self.models(until=serves(model, version))
+            if m.name == model and version in (None, m.version)
+        ]
+        if not found:
+            subject = infer_subject(model, version)
+            raise ModelNotFound(f"no worker serves {subject}", model=model)
+        self._described[key] = (found[-1], time.monotonic())
+        return found[-1]
+
+    async def named(self, model: str, version: int | None, inputs: Any) -> Named:
+        """Named arrays as they are; a bare array goes to the model's only input."""
+        if isinstance(inputs, Mapping):
+            return inputs
+        names = [spec.name for spec in (await self.describe(model, version)).signature.inputs]
+        if len(names) != 1:
+            raise BadInput(f"model has inputs {names}: pass a dict of named arrays", model=model)
+        return {names[0]: np.asarray(inputs)}
+
+    async def named_items(
+        self, model: str, version: int | None, items: Iterable[Any]
+    ) -> Iterator[Named]:
+        """Items as named arrays, lazily; the input name is looked up once if needed."""
+        iterator = iter(items)
+        first = next(iterator, None)
+        if first is None:
+            return iter(())
+        if isinstance(first, Mapping):
+            return itertools.chain([first], iterator)
+        (name,) = (await self.named(model, version, first)).keys()
+        return ({name: np.asarray(item)} for item in itertools.chain([first], iterator))

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from inferbus.engines.signature import TensorSpec
+from inferbus.contract import TensorSpec
 from inferbus.engines.tensorrt.cache import (
     BuildSettings,
     Target,

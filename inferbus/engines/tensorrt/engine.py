@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from inferbus.codecs import numpy_dtype
-from inferbus.engines.base import Engine, Tensors
-from inferbus.engines.signature import Signature, TensorSpec
+from inferbus.contract import Signature, Tensors, TensorSpec
+from inferbus.engines.base import Engine
 from inferbus.engines.tensorrt.build import ensure_plan, import_tensorrt
 from inferbus.engines.tensorrt.cuda import check, cudart
 from inferbus.engines.tensorrt.profile import ProfileShapes

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from inferbus.engines.signature import TensorSpec
+from inferbus.contract import TensorSpec
 from inferbus.engines.tensorrt.cache import BuildSettings
 from inferbus.errors import BadInput, ConfigError
 

@@ -4,8 +4,14 @@ again — always within the caller's time budget, never beyond it."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import logging
 import random
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from inferbus.errors import (
     DeadlineExceeded,
@@ -15,6 +21,9 @@ from inferbus.errors import (
     RequestError,
     Unavailable,
 )
+
+T = TypeVar("T")
+log = logging.getLogger("inferbus.client")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,3 +67,26 @@ class RetryPolicy:
         if isinstance(error, DeadlineExceeded):
             return error.silent  # no reply at all; a worker's own 504 means the budget is gone
         return isinstance(error, Overloaded | Unavailable)
+
+    async def run(
+        self,
+        attempt: Callable[[int], Awaitable[T]],
+        *,
+        started: float,
+        deadline: float,
+        label: str,
+    ) -> T:
+        """``attempt(1)``, then again after each failure this policy retries, while the
+        budget (``deadline``, on the ``time.monotonic`` clock) allows."""
+        for number in itertools.count(1):
+            try:
+                return await attempt(number)
+            except RequestError as exc:
+                now = time.monotonic()
+                wait = self.delay(number)
+                if now + wait >= deadline or not self.should_retry(exc, number, now - started):
+                    raise
+                log.info("%s: attempt %d failed (%s); retrying in %.0f ms", label, number, exc,
+                         wait * 1e3)  # fmt: skip
+                await asyncio.sleep(wait)
+        raise AssertionError("unreachable: itertools.count never ends")

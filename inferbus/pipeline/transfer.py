@@ -23,10 +23,8 @@ import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
 
-from inferbus.codecs import decode_error, encode_error
+from inferbus.contract import error_from_reply, error_reply
 from inferbus.errors import (
     BadInput,
     DeadlineExceeded,
@@ -35,9 +33,8 @@ from inferbus.errors import (
     PayloadTooLarge,
     RequestError,
     Unavailable,
-    error_for_code,
 )
-from inferbus.pipeline.subjects import ERROR_CODE_HEADER, error_headers
+from inferbus.pipeline._nats_errors import nats_errors
 
 TRANSFER_HEADER: Final = "Inferbus-Transfer"
 _SUBJECT: Final = re.compile(r"[^\s*>.]+(\.[^\s*>.]+)*")
@@ -50,10 +47,6 @@ MAX_TRANSFER_S: Final = 120.0
 IDLE_S: Final = 10.0  # a receiver that hears no chunk for this long gives up
 CHUNK_ACK_S: Final = 5.0  # a 4 MiB chunk takes well under 0.1 s here
 MIN_CHUNK: Final = 4096  # bounds the bookkeeping a receiver keeps per offer
-
-
-class NobodyTook(Unavailable):
-    """No one subscribes to the subject a transfer was offered on."""
 
 
 def is_offer(msg: Msg) -> bool:
@@ -120,39 +113,30 @@ def _transfer_json(data: bytes) -> dict[str, Any]:
 
 
 def _raise_if_error(msg: Msg, context: str) -> None:
-    code = (msg.headers or {}).get(ERROR_CODE_HEADER)
-    if code is not None:
-        number = int(code) if code.isascii() and code.isdigit() else 500
-        raise error_for_code(number, f"{context}: {decode_error(msg.data)}")
+    error = error_from_reply(msg.headers, msg.data)
+    if error is not None:
+        raise type(error)(f"{context}: {error.message}")
 
 
 async def send(
     client: NatsClient, subject: str, body: bytes, *, timeout: float, reply: str = ""
 ) -> None:
-    """Offer ``body`` on ``subject`` and stream it to whoever accepts; raise on any refusal."""
+    """Offer ``body`` on ``subject`` and stream it to whoever accepts; raise on any refusal.
+
+    Nobody listening on ``subject`` is ``ModelNotFound``; a receiver that goes away half-way
+    is ``Unavailable``."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     offer = Offer(len(body), chunk_size(client.max_payload), timeout, reply)
-    try:
+    with nats_errors(subject, timeout):
         answer = await client.request(
             subject, offer.body(), timeout=timeout, headers={TRANSFER_HEADER: OFFER}
         )
-    except NoRespondersError:
-        raise NobodyTook(f"nobody listens on {subject}") from None
-    except NatsTimeoutError:
-        raise DeadlineExceeded(f"nobody answered the transfer offer in {timeout:g}s") from None
-    try:
-        _raise_if_error(answer, "transfer refused")
-        target = _transfer_json(answer.data).get("subject")
-        if not isinstance(target, str) or not target:
-            raise BadInput("transfer answer lacks its subject")
-        await _stream(client, target, memoryview(body), offer, deadline)
-    except NoRespondersError:
-        raise Unavailable(f"the receiver of the transfer on {subject} went away") from None
-    except NatsTimeoutError:
-        raise DeadlineExceeded(
-            f"transfer of {len(body)} bytes did not finish within {timeout:g}s"
-        ) from None
+    _raise_if_error(answer, "transfer refused")
+    target = _transfer_json(answer.data).get("subject")
+    if not isinstance(target, str) or not target:
+        raise BadInput("transfer answer lacks its subject")
+    await _stream(client, target, memoryview(body), offer, deadline)
 
 
 async def _stream(
@@ -168,20 +152,26 @@ async def _stream(
             # A receiver that died leaves chunks in flight unanswered: each gets a time limit.
             left = min(max(deadline - loop.time(), 0.001), CHUNK_ACK_S)
             try:
-                ack = await client.request(target, part, timeout=left, headers=headers)  # type: ignore[arg-type]
-            except NatsTimeoutError:
+                with nats_errors(target, left, nobody=Unavailable):
+                    ack = await client.request(target, part, timeout=left, headers=headers)  # type: ignore[arg-type]
+            except DeadlineExceeded:
                 raise Unavailable(
                     f"chunk {index} was not acknowledged within {left:g}s: the receiver went away"
                 ) from None
             _raise_if_error(ack, f"chunk {index}")
 
-    tasks = [asyncio.ensure_future(one(index)) for index in range(offer.chunks)]
     try:
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:  # one failure stops the rest at once
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        async with asyncio.TaskGroup() as group:  # one failure cancels the rest at once
+            for index in range(offer.chunks):
+                group.create_task(one(index))
+    except BaseExceptionGroup as group_error:
+        raise _first_error(group_error) from None
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The failure that stopped the transfer (the rest were cancelled because of it)."""
+    first = group.exceptions[0]
+    return _first_error(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 class TransferBudget:
@@ -323,4 +313,5 @@ class Receiver:
 
 async def _answer_error(client: NatsClient, reply: str, error: RequestError) -> None:
     if reply:
-        await client.publish(reply, encode_error(error.message), headers=error_headers(error))
+        body, headers = error_reply(error)
+        await client.publish(reply, body, headers=headers)

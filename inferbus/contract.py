@@ -1,0 +1,190 @@
+"""What other programs rely on: names, subjects, error replies and model signatures.
+
+Everything here is part of the wire contract in docs/PROTOCOL.md; change that document first.
+The application end imports only this, the codecs and the errors — never engines or metrics.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, NoReturn
+
+import numpy as np
+
+from inferbus.codecs import BYTES, DATATYPES, Tensors, datatype_of, numpy_dtype
+from inferbus.codecs import decode_error as _decode_error_text
+from inferbus.codecs import encode_error as _encode_error_body
+from inferbus.errors import BadInput, ConfigError, RequestError, error_for_code
+
+__all__ = [
+    "ERROR_CODE_HEADER",
+    "ERROR_HEADER",
+    "MAX_ERROR_TEXT",
+    "NAME_PATTERN",
+    "PREFIX",
+    "SERVICE_NAME",
+    "Signature",
+    "TensorSpec",
+    "Tensors",
+    "check_model_name",
+    "endpoint_name",
+    "error_from_reply",
+    "error_reply",
+    "infer_subject",
+    "queue_group",
+    "service_subject",
+]
+
+# --- names and subjects (PROTOCOL.md sections 2 and 10) -----------------------------------------
+
+NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]+")  # a NATS token; use with fullmatch
+PREFIX: Final = "inferbus.infer"
+SERVICE_NAME: Final = "inferbus"
+
+
+def check_model_name(model: str) -> str:
+    if not NAME_PATTERN.fullmatch(model):
+        raise BadInput(f"model name {model!r} must match [A-Za-z0-9_-]+")
+    return model
+
+
+def infer_subject(model: str, version: int | None = None) -> str:
+    """``inferbus.infer.<model>`` or, pinned to a version, ``inferbus.infer.<model>.<version>``."""
+    check_model_name(model)
+    if version is None:
+        return f"{PREFIX}.{model}"
+    if type(version) is not int or version < 1:
+        raise BadInput(f"version must be an integer >= 1, not {version!r}")
+    return f"{PREFIX}.{model}.{version}"
+
+
+def queue_group(model: str, version: int | None = None) -> str:
+    """The queue group that balances a subject's requests across workers."""
+    return model if version is None else f"{model}.{version}"
+
+
+def endpoint_name(model: str, version: int | None = None) -> str:
+    """The ADR-32 endpoint name: ``<model>`` (unversioned subject) or ``<model>_v<version>``."""
+    return model if version is None else f"{model}_v{version}"
+
+
+def service_subject(verb: str, service_id: str | None = None) -> str:
+    """``$SRV.<VERB>.inferbus`` (every worker answers) or one worker's ``...<id>``."""
+    subject = f"$SRV.{verb.upper()}.{SERVICE_NAME}"
+    return subject if service_id is None else f"{subject}.{service_id}"
+
+
+# --- error replies (PROTOCOL.md section 8) ------------------------------------------------------
+
+# NATS micro (ADR-32) error headers, set on error replies only.
+ERROR_HEADER: Final = "Nats-Service-Error"
+ERROR_CODE_HEADER: Final = "Nats-Service-Error-Code"
+# Error text repeats parts of the request: the one cap for both the header and the body.
+MAX_ERROR_TEXT: Final = 1024
+
+
+def error_reply(error: RequestError) -> tuple[bytes, dict[str, str]]:
+    """The body and headers that carry ``error``; the header value is one line (CR/LF would
+    end the header block)."""
+    text = error.message[:MAX_ERROR_TEXT]
+    line = " ".join(text.split())[:MAX_ERROR_TEXT]
+    return _encode_error_body(text), {ERROR_HEADER: line, ERROR_CODE_HEADER: str(error.code)}
+
+
+def error_from_reply(
+    headers: Mapping[str, str] | None, body: bytes | bytearray, *, model: str | None = None
+) -> RequestError | None:
+    """The error an error reply carries, or None for a success reply; non-numeric codes are 500."""
+    code = (headers or {}).get(ERROR_CODE_HEADER)
+    if code is None:
+        return None
+    number = int(code) if code.isascii() and code.isdigit() else 500
+    return error_for_code(number, _decode_error_text(bytes(body)), model=model)
+
+
+# --- signatures (PROTOCOL.md section 10, endpoint metadata) -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if self.datatype not in DATATYPES:
+            raise ConfigError(f"tensor {self.name!r}: unsupported datatype {self.datatype!r}")
+        if any(dim < -1 for dim in self.shape):
+            raise ConfigError(f"tensor {self.name!r}: dimensions are -1 (any) or >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TensorSpec:
+        return cls(str(data["name"]), str(data["datatype"]), tuple(int(d) for d in data["shape"]))
+
+    def check(self, array: np.ndarray) -> None:
+        """Raise BadInput unless ``array`` has this datatype, rank and fixed dimensions."""
+        datatype = datatype_of(array)
+        if datatype != self.datatype:
+            raise BadInput(f"input {self.name!r} must be {self.datatype}, got {datatype}")
+        shape = array.shape
+        if len(shape) != len(self.shape):
+            self._wrong_shape(shape)
+        for want, got in zip(self.shape, shape, strict=True):
+            if want != got and want != -1:
+                self._wrong_shape(shape)
+
+    def _wrong_shape(self, shape: tuple[int, ...]) -> NoReturn:
+        raise BadInput(
+            f"input {self.name!r} must have shape {_show(self.shape)}, got {list(shape)}"
+        )
+
+    def example(self, batch: int = 1) -> np.ndarray:
+        """A zero-filled tensor of this spec, its free dimensions set to ``batch``."""
+        shape = tuple(batch if dim == -1 else dim for dim in self.shape)
+        if self.datatype == BYTES:
+            return np.full(shape, b"", dtype=object)
+        dtype = numpy_dtype(self.datatype)
+        return np.zeros(shape, dtype=dtype)
+
+
+def _show(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join("*" if dim == -1 else str(dim) for dim in shape) + "]"
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "inputs": [spec.to_dict() for spec in self.inputs],
+            "outputs": [spec.to_dict() for spec in self.outputs],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Signature:
+        return cls(
+            tuple(TensorSpec.from_dict(d) for d in data["inputs"]),
+            tuple(TensorSpec.from_dict(d) for d in data["outputs"]),
+        )
+
+    def check_inputs(self, tensors: Mapping[str, np.ndarray]) -> None:
+        """Raise BadInput unless ``tensors`` holds exactly this signature's inputs."""
+        expected = {spec.name for spec in self.inputs}
+        if len(tensors) != len(expected) or not expected.issuperset(tensors):
+            missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
+            raise BadInput(
+                f"inputs must be {sorted(expected)}; missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)}"
+            )
+        for spec in self.inputs:
+            spec.check(tensors[spec.name])
+
+    def examples(self, batch: int = 1) -> dict[str, np.ndarray]:
+        return {spec.name: spec.example(batch) for spec in self.inputs}

@@ -1,0 +1,102 @@
+"""Admission, the first part of a worker's request path: a request body becomes ``Work`` (or
+a ``RequestError`` to answer at once) before anything is queued or computed.
+
+Decode the V2 header and tensors within the model's byte limit, check them against the
+signature, size the request in rows, key it for batching and fix its deadline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Final
+
+from inferbus.codecs import InferRequest, decode_request, get_codec
+from inferbus.contract import Signature
+from inferbus.errors import BadInput, PayloadTooLarge
+from inferbus.pipeline._service import EndpointRecord
+from inferbus.pipeline._threads import run_in_thread
+from inferbus.repository import ModelConfig
+
+DECODE_OFF_LOOP_BYTES: Final = 1 << 20  # larger bodies are decoded on a thread
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """An admitted request: what to compute, how it batches, and where and by when to answer."""
+
+    request: InferRequest
+    rows: int
+    key: Hashable  # requests with equal keys may share a batch
+    deadline: float | None  # time.monotonic(); None: no budget given
+    reply: str
+    record: EndpointRecord
+    received_ns: int  # time.perf_counter_ns() on arrival
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+
+def is_batched(signature: Signature) -> bool:
+    """Every input's first dimension is free: requests can be stacked along it."""
+    return bool(signature.inputs) and all(spec.shape[:1] == (-1,) for spec in signature.inputs)
+
+
+class Admission:
+    """Checks one model version's requests against its signature and limits."""
+
+    def __init__(self, config: ModelConfig, signature: Signature) -> None:
+        self.config = config
+        self.signature = signature
+        self.batched = is_batched(signature)
+        self.output_names = frozenset(spec.name for spec in signature.outputs)
+
+    async def admit(
+        self, data: bytes | bytearray, reply: str, record: EndpointRecord, received_ns: int
+    ) -> Work:
+        """The work a body asks for; raises the ``RequestError`` to answer instead."""
+        if len(data) > DECODE_OFF_LOOP_BYTES:  # decompressing 100s of MiB takes a while
+            request = await run_in_thread(None, self.decode, data)
+        else:
+            request = self.decode(data)
+        rows = self.check(request)
+        timeout = request.timeout_us
+        deadline = None if timeout is None else time.monotonic() + timeout / 1e6
+        return Work(request, rows, self.batch_key(request), deadline, reply, record, received_ns)
+
+    def decode(self, data: bytes | bytearray) -> InferRequest:
+        limit = self.config.max_request_bytes
+        if len(data) > limit:
+            raise PayloadTooLarge(f"request of {len(data)} bytes exceeds max_request_bytes {limit}")
+        return decode_request(data, limit)
+
+    def check(self, request: InferRequest) -> int:
+        """Validate against the signature; the request's batch size in rows."""
+        self.signature.check_inputs(request.inputs)
+        unknown = set(request.outputs) - self.output_names
+        if unknown:
+            raise BadInput(f"unknown outputs {sorted(unknown)}; has {sorted(self.output_names)}")
+        if request.reply_codec is not None:
+            codec = get_codec(request.reply_codec)
+            for spec in self.signature.outputs:  # fail now, not after computing
+                if not request.outputs or spec.name in request.outputs:
+                    codec.check(spec.datatype, tuple(max(dim, 1) for dim in spec.shape))
+        if not self.batched:
+            return 1
+        sizes = {array.shape[0] for array in request.inputs.values()}
+        if len(sizes) != 1:
+            raise BadInput(f"inputs disagree on the batch size: {sorted(sizes)}")
+        rows: int = sizes.pop()
+        if rows > self.config.max_batch_size:
+            raise PayloadTooLarge(
+                f"batch of {rows} exceeds max_batch_size {self.config.max_batch_size}"
+            )
+        return rows
+
+    def batch_key(self, request: InferRequest) -> Hashable:
+        """Requests batch together when everything but their first dimension matches."""
+        if not self.batched:
+            return object()  # unbatched models run each request alone
+        shapes = sorted((name, array.shape[1:]) for name, array in request.inputs.items())
+        return tuple(shapes), request.outputs

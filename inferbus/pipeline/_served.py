@@ -1,0 +1,278 @@
+"""One model version on a worker: its lifecycle, and the request path that connects its parts.
+
+    load → warm up → subscribe (in rotation) ⇄ out of rotation → drain → close
+
+A message goes admission → scheduler (the batch queue) → executor → replier. With nothing
+queued and an engine that runs inline, the scheduler is skipped: the request is computed in the
+subscription callback, because batching could only add a task switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from inferbus.contract import endpoint_name, infer_subject, queue_group
+from inferbus.engines import Engine, create_engine
+from inferbus.errors import RequestError, Unavailable
+from inferbus.pipeline._admission import Admission, Work
+from inferbus.pipeline._executor import Executor, load_engines, runs_inline
+from inferbus.pipeline._health import Health
+from inferbus.pipeline._replier import Replier
+from inferbus.pipeline._service import EndpointRecord, MicroService
+from inferbus.pipeline._stats import ModelStats
+from inferbus.pipeline._threads import run_in_thread
+from inferbus.pipeline.batching import BatchQueue, Pending
+from inferbus.pipeline.transfer import Receiver, TransferBudget, is_offer
+from inferbus.repository import ModelConfig
+
+log = logging.getLogger("inferbus.worker")
+
+
+@dataclass(slots=True)
+class _Route:
+    """One subscribed subject; ``subscription`` is None while out of rotation."""
+
+    record: EndpointRecord
+    subscription: Subscription | None = None
+
+
+async def load_served_model(config: ModelConfig) -> ServedModel:
+    """Create, load and warm up ``instances`` engines off the loop; choose where they run."""
+    engines = [create_engine(config) for _ in range(config.instances)]
+    await load_engines(engines)
+    inline = config.execution == "inline"
+    if config.execution == "auto" and config.instances == 1:
+        inline = await run_in_thread(None, runs_inline, engines[0])
+    where = "on the event loop" if inline else f"on {config.instances} thread(s)"
+    engine = engines[0]
+    log.info(
+        "%s v%d loaded: %s on %s, runs %s",
+        config.name, config.version, engine.backend, engine.device, where,
+    )  # fmt: skip
+    return ServedModel(engines, inline=inline)
+
+
+class ServedModel:
+    """A model version's parts, wired together, and its subscriptions."""
+
+    def __init__(self, engines: list[Engine], *, inline: bool = False) -> None:
+        self.config = engines[0].config
+        self.signature = engines[0].signature
+        self.engine_info = (engines[0].backend or type(engines[0]).__name__, engines[0].device)
+        self.stats = ModelStats()
+        self.health = Health(
+            hang_after_s=self.config.hang_after_s, max_failures=self.config.max_failures
+        )
+        self.admission = Admission(self.config, self.signature)
+        self.queue: BatchQueue[Work] = BatchQueue(
+            max_batch_size=self.config.max_batch_size,
+            max_queue_delay_s=self.config.max_queue_delay_ms / 1e3,
+            max_queue_size=self.config.max_queue_size,
+            preferred_batch_sizes=self.config.preferred_batch_sizes,
+        )
+        self.executor = Executor(engines, inline=inline, stats=self.stats, health=self.health)
+        self._replier: Replier | None = None
+        self._direct = inline and len(engines) == 1 and not self.config.max_queue_delay_ms
+        self._routes: list[_Route] = []
+        self._consumers: list[asyncio.Task[None]] = []
+        # Two requests of the largest size may arrive in chunks at once; more wait (429).
+        self._transfer_budget = TransferBudget(2 * self.config.max_request_bytes)
+
+    @property
+    def replier(self) -> Replier:
+        if self._replier is None:
+            raise RuntimeError("ServedModel.start() was not called")
+        return self._replier
+
+    @property
+    def in_rotation(self) -> bool:
+        return bool(self._routes) and all(r.subscription is not None for r in self._routes)
+
+    def metadata(self) -> dict[str, str]:
+        """Endpoint metadata: ADR-32 allows only strings, so the signature is JSON text."""
+        return {
+            "model": self.config.name,
+            "version": str(self.config.version),
+            "engine": self.engine_info[0],
+            "device": self.engine_info[1],
+            "max_batch_size": str(self.config.max_batch_size),
+            "instances": str(len(self.executor.engines)),
+            "signature": orjson.dumps(self.signature.to_dict()).decode(),
+        }
+
+    def stats_data(self) -> dict[str, Any]:
+        data = self.stats.snapshot(pending=len(self.queue))
+        data["health"] = "ready" if self.health.healthy else f"unhealthy: {self.health.reason}"
+        return data
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, nats: NatsClient, service: MicroService, *, latest: bool) -> None:
+        """Start the consumers and subscribe the versioned subject (and, for the latest
+        version, the unversioned one). The caller flushes: only then are subscriptions live."""
+        self._replier = Replier(self.config, self.stats, nats)
+        self._consumers = [
+            asyncio.create_task(self._consume(instance))
+            for instance in range(len(self.executor.engines))
+        ]
+        name = self.config.name
+        for version in (self.config.version, None) if latest else (self.config.version,):
+            record = EndpointRecord(
+                name=endpoint_name(name, version),
+                subject=infer_subject(name, version),
+                queue_group=queue_group(name, version),
+                metadata=self.metadata(),
+                data=self.stats_data,
+            )
+            route = _Route(record)
+            await self._listen(route)
+            self._routes.append(route)
+            service.endpoints.append(record)
+
+    async def _listen(self, route: _Route) -> None:
+        record = route.record
+
+        async def on_message(msg: Msg) -> None:
+            # nats-py awaits one subscription's callbacks in turn: this only admits the request.
+            if not msg.reply:  # a publish, not a request, has nobody to answer
+                return
+            if is_offer(msg):
+                await self._accept_transfer(msg, record)
+                return
+            backlog = route.subscription.pending_msgs if route.subscription is not None else 0
+            await self.receive(msg.data, msg.reply, record, backlog)
+
+        route.subscription = await self.replier.nats.subscribe(
+            record.subject, queue=record.queue_group, cb=on_message
+        )
+
+    async def take_out(self, reason: str) -> None:
+        """Out of rotation: stop taking requests; answer the queued ones 503 so callers retry
+        elsewhere instead of waiting here."""
+        log.warning("%s: out of rotation: %s", self.config.name, reason)
+        self.health.reason, self.health.unhealthy_since = reason, time.monotonic()
+        await self._stop_listening()
+        error = Unavailable(f"this worker's engine is unfit: {reason}")
+        for item in self.queue.take_all():
+            await self.replier.reply(item.payload, error)
+
+    async def put_back(self) -> None:
+        self.health.reason, self.health.unhealthy_since = "", None
+        self.health.failures_in_a_row = 0
+        for route in self._routes:
+            if route.subscription is None:
+                await self._listen(route)
+        await self.replier.nats.flush()
+        log.info("%s: back in rotation", self.config.name)
+
+    async def check_health(self, now: float) -> None:
+        """Take an unfit engine out of rotation; bring it back once it is fit again."""
+        health = self.health
+        if health.healthy:
+            reason = health.verdict(now)
+            if reason:
+                await self.take_out(reason)
+        elif health.busy_since is None and (
+            health.failures_in_a_row < health.max_failures  # a hang that ended
+            or (health.may_probe(now) and await self.executor.probe())
+        ):
+            await self.put_back()
+
+    async def _stop_listening(self) -> None:
+        for route in self._routes:
+            subscription, route.subscription = route.subscription, None
+            if subscription is not None:
+                # Messages already delivered are still handed to on_message; nats-py leaves
+                # drain untyped.
+                await subscription.drain()  # type: ignore[no-untyped-call]
+
+    async def drain(self) -> None:
+        """Take no more requests; return once every one received has been answered."""
+        await self._stop_listening()
+        if self._replier is not None:
+            await self._replier.wait_idle()
+
+    async def close(self) -> None:
+        """Stop the consumers and release the engines (after ``drain``)."""
+        for consumer in self._consumers:
+            consumer.cancel()
+        await asyncio.gather(*self._consumers, return_exceptions=True)
+        left = self.queue.take_all()  # empty after a drain; not empty only if start failed
+        if left:
+            log.warning("%s: %d queued requests dropped at close", self.config.name, len(left))
+        self.executor.close()
+
+    # --- the request path -----------------------------------------------------------------------
+
+    async def receive(
+        self, data: bytes | bytearray, reply: str, record: EndpointRecord, backlog: int = 0
+    ) -> None:
+        """Admit one request body (a message's, or one assembled from a transfer) and compute
+        it now or queue it; or answer its error at once.
+
+        ``backlog`` is how many messages wait behind this one: under load, messages queue up
+        and batches form."""
+        received_ns = time.perf_counter_ns()
+        replier = self.replier
+        try:
+            work = await self.admission.admit(data, reply, record, received_ns)
+            direct = self._direct and not backlog and not self.queue
+            if not direct:
+                self.queue.submit(work, rows=work.rows, key=work.key)
+        except Exception as exc:  # every request gets an answer, whatever went wrong
+            await replier.reply_error(reply, record, received_ns, exc)
+            return
+        replier.expect()
+        if direct:
+            self.stats.queued(0)
+            (outcome,) = await self.executor.execute(0, [work], replier.encode)
+            await replier.reply(work, outcome)
+
+    async def _consume(self, instance: int) -> None:
+        """One engine instance's loop: take a batch, execute it, answer each request."""
+        replier = self.replier
+        while True:
+            batch = await self.queue.next_batch()
+            works = self._dequeued(batch)
+            outcomes = await self.executor.execute(instance, works, replier.encode)
+            for work, outcome in zip(works, outcomes, strict=True):
+                await replier.reply(work, outcome)
+
+    def _dequeued(self, batch: list[Pending[Work]]) -> list[Work]:
+        now = time.monotonic()
+        for item in batch:
+            self.stats.queued(int((now - item.enqueued) * 1e9))
+        return [item.payload for item in batch]
+
+    async def _accept_transfer(self, msg: Msg, record: EndpointRecord) -> None:
+        """An offer of a request too large for one message: receive it, then admit it."""
+        try:
+            receiver = await Receiver.accept(
+                self.replier.nats,
+                msg,
+                self.config.max_request_bytes,
+                needs_reply=True,
+                budget=self._transfer_budget,
+            )
+        except RequestError as exc:  # already answered to the sender
+            self.stats.request_done(exc.code)
+            return
+        self.replier.track(self._receive_transfer(receiver, record))
+
+    async def _receive_transfer(self, receiver: Receiver, record: EndpointRecord) -> None:
+        try:
+            body = await receiver.wait()
+        except RequestError as exc:  # abandoned or corrupt: the sender was told, if it listens
+            log.warning("%s: %s", self.config.name, exc)
+            self.stats.request_done(exc.code)
+            return
+        await self.receive(body, receiver.offer.reply, record)

@@ -1,0 +1,68 @@
+"""The client's transport: one request body out, one reply body back.
+
+``exchange`` sends a body as one message when it fits the server's max_payload and as a
+chunked transfer when it does not, receives a reply that arrives as a transfer offer, and
+turns error replies and NATS errors into ``RequestError`` — the client above it never sees a
+NATS message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from inferbus.codecs.wire import DEFAULT_DECODE_LIMIT
+from inferbus.contract import error_from_reply
+from inferbus.errors import DeadlineExceeded
+from inferbus.pipeline import transfer
+from inferbus.pipeline._nats_errors import nats_errors
+
+
+class Transport:
+    """Request/reply over one NATS connection; replies are bounded by ``reply_limit`` bytes."""
+
+    def __init__(self, nats: NatsClient, *, reply_limit: int = DEFAULT_DECODE_LIMIT) -> None:
+        self.nats = nats
+        self.reply_limit = reply_limit
+
+    async def exchange(self, subject: str, body: bytes, timeout: float) -> bytes | bytearray:
+        """Send ``body`` to ``subject``; the reply's body, or the error it carries, raised."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        if len(body) > self.nats.max_payload:
+            reply = await self._send_large(subject, body, timeout)
+        else:
+            with nats_errors(subject, timeout):
+                reply = await self.nats.request(subject, body, timeout=timeout)
+        error = error_from_reply(reply.headers, reply.data)
+        if error is not None:
+            raise error
+        if transfer.is_offer(reply):  # the reply itself is too large for one message
+            return await self._receive(reply, deadline)
+        return reply.data
+
+    async def _send_large(self, subject: str, body: bytes, timeout: float) -> Msg:
+        """Send a body above max_payload in chunks; the reply comes to a private inbox."""
+        inbox = self.nats.new_inbox()
+        replies: asyncio.Queue[Msg] = asyncio.Queue()
+        subscription = await self.nats.subscribe(inbox, cb=replies.put, max_msgs=1)
+        try:
+            started = asyncio.get_running_loop().time()
+            await transfer.send(self.nats, subject, body, timeout=timeout, reply=inbox)
+            left = timeout - (asyncio.get_running_loop().time() - started)
+            try:
+                return await asyncio.wait_for(replies.get(), max(left, 0.001))
+            except TimeoutError:
+                raise DeadlineExceeded(f"no reply within {timeout:g}s") from None
+        finally:
+            if not self.nats.is_closed:
+                await subscription.unsubscribe()
+
+    async def _receive(self, offer: Msg, deadline: float) -> bytearray:
+        receiver = await transfer.Receiver.accept(self.nats, offer, self.reply_limit)
+        left = deadline - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(receiver.wait(), max(left, 0.001))
+        except TimeoutError:
+            raise DeadlineExceeded(f"the reply did not arrive within {left:g}s") from None
