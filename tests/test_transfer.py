@@ -89,7 +89,7 @@ async def test_a_corrupt_chunk_is_refused(raw_small: NatsClient) -> None:
     answer = await raw_small.request(
         "inferbus.infer.big", offer_body(10, 10, 5.0, "nowhere"), headers=headers, timeout=5
     )
-    subject = transfer._transfer_json(answer.data)["subject"]
+    subject = transfer.transfer_json(answer.data)["subject"]
     ack = await raw_small.request(
         subject, b"0123456789", headers={transfer.CHUNK_HEADER: "0 12345"}, timeout=5
     )

@@ -25,6 +25,7 @@ from nats.micro.service import (
     ServiceVerb,
     control_subject,
 )
+from nats.nuid import NUID
 
 
 @dataclasses.dataclass(slots=True)
@@ -80,7 +81,7 @@ class MicroService:
         self.version = version
         self.description = description
         self.metadata = metadata
-        self.id = client._nuid.next().decode()  # the same generator nats.micro uses for ids
+        self.id = NUID().next().decode()  # the id generator nats.micro uses
         self.started = datetime.now(UTC)
         self.endpoints: list[EndpointRecord] = []
         self._subscriptions: list[Subscription] = []

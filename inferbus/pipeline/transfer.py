@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
-import re
 import time
 import zlib
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import orjson
 from nats.aio.client import Client as NatsClient
@@ -28,88 +25,23 @@ from inferbus.contract import error_from_reply, error_reply
 from inferbus.errors import (
     BadInput,
     DeadlineExceeded,
-    InferbusError,
     Overloaded,
     PayloadTooLarge,
     RequestError,
     Unavailable,
 )
-from inferbus.pipeline._nats_errors import nats_errors
+from inferbus.pipeline._offer import CHUNK_HEADER as CHUNK_HEADER
+from inferbus.pipeline._offer import OFFER as OFFER
+from inferbus.pipeline._offer import TRANSFER_HEADER as TRANSFER_HEADER
+from inferbus.pipeline._offer import Offer as Offer
+from inferbus.pipeline._offer import chunk_size
+from inferbus.pipeline._offer import is_offer as is_offer
+from inferbus.pipeline._offer import transfer_json as transfer_json
+from inferbus.pipeline.nats_errors import nats_errors
 
-TRANSFER_HEADER: Final = "Inferbus-Transfer"
-_SUBJECT: Final = re.compile(r"[^\s*>.]+(\.[^\s*>.]+)*")
-CHUNK_HEADER: Final = "Inferbus-Chunk"
-OFFER: Final = "offer"
 WINDOW: Final = 8  # chunks in flight: measured faster than one message, without flooding
-MAX_CHUNK: Final = 4 * 1024 * 1024
-HEADROOM: Final = 4096  # the PUB line and chunk header must fit beside the chunk
-MAX_TRANSFER_S: Final = 120.0
 IDLE_S: Final = 10.0  # a receiver that hears no chunk for this long gives up
 CHUNK_ACK_S: Final = 5.0  # a 4 MiB chunk takes well under 0.1 s here
-MIN_CHUNK: Final = 4096  # bounds the bookkeeping a receiver keeps per offer
-
-
-def is_offer(msg: Msg) -> bool:
-    return bool(msg.headers) and msg.headers.get(TRANSFER_HEADER) == OFFER  # type: ignore[union-attr]
-
-
-def chunk_size(max_payload: int) -> int:
-    if max_payload <= HEADROOM:
-        raise InferbusError(f"the server's max_payload of {max_payload} bytes is too small")
-    return min(max_payload - HEADROOM, MAX_CHUNK)
-
-
-@dataclass(frozen=True, slots=True)
-class Offer:
-    """What a sender announces: the body's size, how it is cut, and where replies go."""
-
-    size: int
-    chunk_size: int
-    timeout_s: float
-    reply: str = ""  # requests only: where the worker sends the response
-
-    @property
-    def chunks(self) -> int:
-        return math.ceil(self.size / self.chunk_size)
-
-    def body(self) -> bytes:
-        fields: dict[str, Any] = {
-            "size": self.size,
-            "chunk_size": self.chunk_size,
-            "chunks": self.chunks,
-            "timeout_ms": max(1, int(self.timeout_s * 1e3)),
-        }
-        if self.reply:
-            fields["reply"] = self.reply
-        json = orjson.dumps({"transfer": fields})
-        return len(json).to_bytes(4, "little") + json
-
-    @classmethod
-    def parse(cls, data: bytes) -> Offer:
-        fields = _transfer_json(data)
-        size, chunk, timeout_ms = (fields.get(k) for k in ("size", "chunk_size", "timeout_ms"))
-        reply = fields.get("reply", "")
-        if not all(type(v) is int and v > 0 for v in (size, chunk, timeout_ms)):
-            raise BadInput("transfer offer needs positive integer size, chunk_size, timeout_ms")
-        if type(reply) is not str or fields.get("chunks") != math.ceil(size / chunk):  # type: ignore[operator]
-            raise BadInput("transfer offer is inconsistent")
-        if reply and not _SUBJECT.fullmatch(reply):
-            raise BadInput("transfer reply must be a plain NATS subject (no spaces or wildcards)")
-        if chunk < MIN_CHUNK and chunk < size:  # type: ignore[operator]
-            raise BadInput(f"transfer chunks must be at least {MIN_CHUNK} bytes")
-        return cls(size, chunk, min(timeout_ms / 1e3, MAX_TRANSFER_S), reply)  # type: ignore[arg-type, operator]
-
-
-def _transfer_json(data: bytes) -> dict[str, Any]:
-    length = int.from_bytes(data[:4], "little")
-    try:
-        header = orjson.loads(data[4 : 4 + length])
-    except orjson.JSONDecodeError as exc:
-        raise BadInput(f"transfer message is not JSON: {exc}") from exc
-    fields = header.get("transfer") if isinstance(header, dict) else None
-    if not isinstance(fields, dict):
-        raise BadInput("transfer message lacks its 'transfer' object")
-    return fields
 
 
 def _raise_if_error(msg: Msg, context: str) -> None:
@@ -133,7 +65,7 @@ async def send(
             subject, offer.body(), timeout=timeout, headers={TRANSFER_HEADER: OFFER}
         )
     _raise_if_error(answer, "transfer refused")
-    target = _transfer_json(answer.data).get("subject")
+    target = transfer_json(answer.data).get("subject")
     if not isinstance(target, str) or not target:
         raise BadInput("transfer answer lacks its subject")
     await _stream(client, target, memoryview(body), offer, deadline)

@@ -17,7 +17,7 @@ from inferbus.codecs.wire import DEFAULT_DECODE_LIMIT
 from inferbus.contract import error_from_reply
 from inferbus.errors import DeadlineExceeded
 from inferbus.pipeline import transfer
-from inferbus.pipeline._nats_errors import nats_errors
+from inferbus.pipeline.nats_errors import nats_errors
 
 
 class Transport:
