@@ -6,11 +6,12 @@ looks: ``rates`` compares a snapshot with the previous one.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from inferbus.contract import SERVICE_NAME
+from inferbus.contract import service_subject
 from inferbus.pipeline.client import Client
 from inferbus.pipeline.discovery import gather
 
@@ -63,8 +64,8 @@ def _uptime(started: str | None, now: datetime) -> float:
 
 
 async def snapshot(client: Client, timeout: float = 0.5) -> ClusterStatus:
-    infos = await gather(client.nats, f"$SRV.INFO.{SERVICE_NAME}", timeout=timeout)
-    stats = await gather(client.nats, f"$SRV.STATS.{SERVICE_NAME}", timeout=timeout)
+    infos = await gather(client.nats, service_subject("INFO"), timeout=timeout)
+    stats = await gather(client.nats, service_subject("STATS"), timeout=timeout)
     now = datetime.now(UTC)
     status = ClusterStatus(taken=now.timestamp())
     started = {s.get("id"): s.get("started") for s in stats}
@@ -113,6 +114,16 @@ def _ratio(numerator: float, denominator: float, scale: float = 1.0) -> float:
     return numerator / denominator / scale if denominator else 0.0
 
 
+def derived(counters: Mapping[str, float]) -> dict[str, float]:
+    """Mean batch size, queue ms per inference and compute ms per execution from the summed
+    (or differenced) ``$SRV.STATS`` counters; ``inferbus bench`` reads them the same way."""
+    return {
+        "mean_batch_size": _ratio(counters["batch_rows"], counters["execution_count"]),
+        "queue_ms": _ratio(counters["queue_ns"], counters["inference_count"], 1e6),
+        "compute_ms": _ratio(counters["compute_ns"], counters["execution_count"], 1e6),
+    }
+
+
 def _row(name: str, version: str, row: dict[str, Any]) -> ModelRow:
     return ModelRow(
         name=name,
@@ -121,11 +132,9 @@ def _row(name: str, version: str, row: dict[str, Any]) -> ModelRow:
         requests=row["request_count"],
         errors=row["failure_count"],
         errors_by_code=row["codes"],
-        mean_batch_size=_ratio(row["batch_rows"], row["execution_count"]),
-        queue_ms=_ratio(row["queue_ns"], row["inference_count"], 1e6),
-        compute_ms=_ratio(row["compute_ns"], row["execution_count"], 1e6),
         pending=row["pending"],
         unhealthy=row["unfit"],
+        **derived(row),
     )
 
 

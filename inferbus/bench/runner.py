@@ -10,10 +10,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from inferbus.contract import SERVICE_NAME
+from inferbus.contract import endpoint_name, service_subject
 from inferbus.errors import BadInput, RequestError
 from inferbus.pipeline.client import Client
 from inferbus.pipeline.discovery import gather
+from inferbus.status import derived
 
 Sample = tuple[float, float, bool]  # completion time, latency in seconds, succeeded
 _SERVER_FIELDS = ("inference_count", "execution_count", "batch_rows", "queue_ns", "compute_ns")
@@ -161,7 +162,7 @@ class _Load:
 
 async def _server_totals(client: Client, endpoint: str, workers: int) -> dict[str, float]:
     """The workers' counters for one endpoint, summed over workers."""
-    replies = await gather(client.nats, f"$SRV.STATS.{SERVICE_NAME}", timeout=1.0, count=workers)
+    replies = await gather(client.nats, service_subject("STATS"), timeout=1.0, count=workers)
     totals = dict.fromkeys(_SERVER_FIELDS, 0.0)
     for reply in replies:
         for stats in reply.get("endpoints") or []:
@@ -173,13 +174,10 @@ async def _server_totals(client: Client, endpoint: str, workers: int) -> dict[st
 
 def _server_figures(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
     delta = {key: after[key] - before[key] for key in _SERVER_FIELDS}
-    inferences, executions = delta["inference_count"], delta["execution_count"]
     return {
-        "inferences": inferences,
-        "executions": executions,
-        "mean_batch_size": delta["batch_rows"] / executions if executions else 0.0,
-        "queue_ms": delta["queue_ns"] / inferences / 1e6 if inferences else 0.0,
-        "compute_ms": delta["compute_ns"] / executions / 1e6 if executions else 0.0,
+        "inferences": delta["inference_count"],
+        "executions": delta["execution_count"],
+        **derived(delta),
     }
 
 
@@ -191,7 +189,7 @@ async def _measure_level(
     level: float,
     workers: int,
 ) -> LevelResult:
-    endpoint = config.model if config.version is None else f"{config.model}_v{config.version}"
+    endpoint = endpoint_name(config.model, config.version)
 
     async def call() -> object:
         return await client.infer(

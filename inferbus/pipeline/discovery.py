@@ -15,11 +15,10 @@ import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from inferbus.contract import Signature, infer_subject, service_subject
+from inferbus.contract import Signature, Tensors, infer_subject, service_subject
 from inferbus.errors import BadInput, ModelNotFound
 
 DESCRIBE_TTL_S: Final = 60.0  # a redeployed model is seen after this long
-Named = Mapping[str, np.ndarray]
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,8 +152,8 @@ class Directory:
         self._described[key] = (found[-1], time.monotonic())
         return found[-1]
 
-    async def named(self, model: str, version: int | None, inputs: Any) -> Named:
-        """Named arrays as they are; a bare array goes to the model's only input."""
+    async def named(self, model: str, version: int | None, inputs: Any) -> Tensors:
+        """Tensors arrays as they are; a bare array goes to the model's only input."""
         if isinstance(inputs, Mapping):
             return inputs
         names = [spec.name for spec in (await self.describe(model, version)).signature.inputs]
@@ -164,7 +163,7 @@ class Directory:
 
     async def named_items(
         self, model: str, version: int | None, items: Iterable[Any]
-    ) -> Iterator[Named]:
+    ) -> Iterator[Tensors]:
         """Items as named arrays, lazily; the input name is looked up once if needed."""
         iterator = iter(items)
         first = next(iterator, None)

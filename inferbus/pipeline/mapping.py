@@ -26,11 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from inferbus.contract import Tensors
 from inferbus.errors import BadInput, EngineFailure, RequestError
 from inferbus.pipeline.discovery import Directory
 from inferbus.pipeline.result import InferResult
-
-Named = Mapping[str, np.ndarray]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,24 +37,24 @@ class Chunk:
     """Consecutive items packed into one request: where they start and how many rows each."""
 
     first: int
-    inputs: Named
+    inputs: Tensors
     rows: tuple[int, ...]
 
 
-def _key(item: Named) -> Hashable:
+def _key(item: Tensors) -> Hashable:
     return tuple((name, array.shape[1:], array.dtype.str) for name, array in item.items())
 
 
-def _rows(item: Named) -> int:
+def _rows(item: Tensors) -> int:
     sizes = {np.shape(array)[0] if np.ndim(array) else -1 for array in item.values()}
     if len(sizes) != 1 or -1 in sizes:
         raise BadInput("packed items need the same leading (batch) dimension on every input")
     return sizes.pop()
 
 
-def pack_items(items: Iterable[Named], samples: int, max_rows: int) -> Iterator[Chunk]:
+def pack_items(items: Iterable[Tensors], samples: int, max_rows: int) -> Iterator[Chunk]:
     """Group consecutive compatible items, at most ``samples`` items and ``max_rows`` rows each."""
-    group: list[Named] = []
+    group: list[Tensors] = []
     rows: list[int] = []
     first = 0
     for index, item in enumerate(items):
@@ -70,7 +69,7 @@ def pack_items(items: Iterable[Named], samples: int, max_rows: int) -> Iterator[
         yield _chunk(first, group, rows)
 
 
-def slices(inputs: Named, rows: int) -> Iterator[Chunk]:
+def slices(inputs: Tensors, rows: int) -> Iterator[Chunk]:
     """Cut arrays whose first axis enumerates items into chunks of ``rows`` items (views)."""
     total = _rows(inputs)
     for start in range(0, total, rows):
@@ -79,14 +78,14 @@ def slices(inputs: Named, rows: int) -> Iterator[Chunk]:
         yield Chunk(start, part, (1,) * (stop - start))
 
 
-def _chunk(first: int, group: list[Named], rows: list[int]) -> Chunk:
+def _chunk(first: int, group: list[Tensors], rows: list[int]) -> Chunk:
     if len(group) == 1:
         return Chunk(first, group[0], tuple(rows))
     inputs = {name: np.concatenate([item[name] for item in group]) for name in group[0]}
     return Chunk(first, inputs, tuple(rows))
 
 
-def unpack(outputs: Named, rows: Sequence[int]) -> list[dict[str, np.ndarray]]:
+def unpack(outputs: Tensors, rows: Sequence[int]) -> list[dict[str, np.ndarray]]:
     """Split batched outputs back into one mapping per request (worker) or item (client)."""
     if len(rows) == 1:
         return [dict(outputs)]
@@ -162,7 +161,7 @@ async def chunks(
     directory: Directory,
     model: str,
     version: int | None,
-    items: Iterable[Any] | Named,
+    items: Iterable[Any] | Tensors,
     pack: int,
     total: int | None,
 ) -> tuple[Iterator[Chunk], int | None]:

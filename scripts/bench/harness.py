@@ -106,14 +106,15 @@ async def throughput(call: Call, concurrency: int, seconds: float, warmup: float
             await call()
             done += counting
 
-    tasks = [asyncio.create_task(caller()) for _ in range(concurrency)]
-    await asyncio.sleep(warmup)
-    counting = True
-    started = time.perf_counter()
-    await asyncio.sleep(seconds)
-    counted, elapsed = done, time.perf_counter() - started
-    stop = True
-    await asyncio.gather(*tasks)
+    async with asyncio.TaskGroup() as callers:
+        for _ in range(concurrency):
+            callers.create_task(caller())
+        await asyncio.sleep(warmup)
+        counting = True
+        started = time.perf_counter()
+        await asyncio.sleep(seconds)
+        counted, elapsed = done, time.perf_counter() - started
+        stop = True
     return counted / elapsed
 
 
