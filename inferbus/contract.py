@@ -22,6 +22,7 @@ __all__ = [
     "ERROR_CODE_HEADER",
     "ERROR_HEADER",
     "MAX_ERROR_TEXT",
+    "MAX_REPLY_SUBJECT",
     "NAME_PATTERN",
     "PREFIX",
     "SERVICE_NAME",
@@ -34,6 +35,7 @@ __all__ = [
     "error_reply",
     "infer_subject",
     "queue_group",
+    "reply_subject_problem",
     "service_subject",
 ]
 
@@ -68,6 +70,27 @@ def queue_group(model: str, version: int | None = None) -> str:
 def endpoint_name(model: str, version: int | None = None) -> str:
     """The ADR-32 endpoint name: ``<model>`` (unversioned subject) or ``<model>_v<version>``."""
     return model if version is None else f"{model}_v{version}"
+
+
+# nats-server refuses a control line over 4096 bytes and closes the connection that sent it. A
+# reply subject this long leaves room for what a worker adds (a transfer offer's inbox).
+MAX_REPLY_SUBJECT: Final = 1024
+_PLAIN_SUBJECT: Final = re.compile(r"[^\s.*>]+(?:\.[^\s.*>]+)*")
+
+
+def reply_subject_problem(subject: str) -> str | None:
+    """Why a worker must not publish to ``subject``, or None when it may (PROTOCOL.md §15).
+
+    Refused: over ``MAX_REPLY_SUBJECT`` bytes, empty tokens, whitespace or wildcards, and the
+    platform's own subjects (``inferbus.…`` and ``$…``) — a request must not turn a worker into
+    a publisher on subjects other programs listen to."""
+    if len(subject) > MAX_REPLY_SUBJECT or len(subject.encode()) > MAX_REPLY_SUBJECT:
+        return f"longer than {MAX_REPLY_SUBJECT} bytes"
+    if not _PLAIN_SUBJECT.fullmatch(subject):
+        return "not a plain NATS subject (empty token, whitespace or wildcard)"
+    if subject.startswith(("$", "inferbus.")):
+        return "a platform subject ($… or inferbus.…)"
+    return None
 
 
 def service_subject(verb: str, service_id: str | None = None) -> str:
@@ -128,10 +151,12 @@ class TensorSpec:
 
     def check(self, array: np.ndarray) -> None:
         """Raise BadInput unless ``array`` has this datatype, rank and fixed dimensions."""
-        datatype = datatype_of(array)
+        self.check_declared(datatype_of(array), array.shape)
+
+    def check_declared(self, datatype: str, shape: tuple[int, ...]) -> None:
+        """The same check on what a request declares, before its data is decoded."""
         if datatype != self.datatype:
             raise BadInput(f"input {self.name!r} must be {self.datatype}, got {datatype}")
-        shape = array.shape
         if len(shape) != len(self.shape):
             self._wrong_shape(shape)
         for want, got in zip(self.shape, shape, strict=True):
@@ -176,15 +201,19 @@ class Signature:
 
     def check_inputs(self, tensors: Mapping[str, np.ndarray]) -> None:
         """Raise BadInput unless ``tensors`` holds exactly this signature's inputs."""
+        self.check_declared({name: (datatype_of(a), a.shape) for name, a in tensors.items()})
+
+    def check_declared(self, declared: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
+        """The same check on (datatype, shape) by input name, before anything is decoded."""
         expected = {spec.name for spec in self.inputs}
-        if len(tensors) != len(expected) or not expected.issuperset(tensors):
-            missing, unexpected = expected - tensors.keys(), tensors.keys() - expected
+        if len(declared) != len(expected) or not expected.issuperset(declared):
+            missing, unexpected = expected - declared.keys(), declared.keys() - expected
             raise BadInput(
                 f"inputs must be {sorted(expected)}; missing {sorted(missing)}, "
                 f"unexpected {sorted(unexpected)}"
             )
         for spec in self.inputs:
-            spec.check(tensors[spec.name])
+            spec.check_declared(*declared[spec.name])
 
     def examples(self, batch: int = 1) -> dict[str, np.ndarray]:
         return {spec.name: spec.example(batch) for spec in self.inputs}

@@ -6,19 +6,35 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
 import pytest
 
 import inferbus
+from inferbus.engines import OnnxRuntimeEngine
+from inferbus.engines.base import Tensors
 from tests.conftest import TEST_MODELS
 
 FAILURES = 3
 
 
-def failing_config(*, direct: bool) -> inferbus.ModelConfig:
+class Breakable(OnnxRuntimeEngine):
+    """Fails every call, warm-up inputs included, once ``broken`` is set: a GPU gone bad."""
+
+    broken: ClassVar[bool] = False
+
+    def infer(self, batch: Tensors) -> Tensors:
+        if Breakable.broken:
+            raise RuntimeError("device lost")
+        return super().infer(batch)
+
+
+def failing_config(*, direct: bool, engine_class: str | None = None) -> inferbus.ModelConfig:
     """The failing test model, inline with no queue delay (direct path) or queued."""
     base = inferbus.load_model_config(TEST_MODELS / "failing")
+    if engine_class is not None:
+        base = dataclasses.replace(base, engine_class=engine_class)
     if direct:
         return dataclasses.replace(
             base, execution="inline", max_queue_delay_ms=0, max_failures=FAILURES
@@ -31,24 +47,54 @@ async def test_engine_failures_count_toward_health_on_every_path(
     nats_server: inferbus.EmbeddedServer, direct: bool
 ) -> None:
     options = inferbus.ConnectOptions(servers=[nats_server.url], name="test-worker")
+    config = failing_config(direct=direct, engine_class=f"{__name__}:Breakable")
+    Breakable.broken = False
     async with (
-        inferbus.Worker([failing_config(direct=direct)], options) as worker,
+        inferbus.Worker([config], options) as worker,
         inferbus.connect(nats_server.url) as client,
     ):
         model = worker.models[0]
-        bad = {"x": -np.ones((1, 4), dtype=np.float32)}
+        Breakable.broken = True  # after the warm-up at load: now every call fails
+        x = {"x": np.ones((1, 4), dtype=np.float32)}
         for _ in range(FAILURES):
-            with pytest.raises(inferbus.EngineFailure, match="engine exploded"):
-                await client.infer("failing", bad, timeout=5)
+            with pytest.raises(inferbus.EngineFailure, match="device lost"):
+                await client.infer("failing", x, timeout=5)
         assert model.health.failures_in_a_row == FAILURES
         assert model.stats_data()["errors_by_code"] == {"500": FAILURES}
-        # The watchdog takes the engine out of rotation (it checks every 0.2 s).
+        # The watchdog (every 0.2 s) probes the engine, which fails too: out of rotation.
         for _ in range(100):
             if not worker.ready:
                 break
             await asyncio.sleep(0.05)
+        Breakable.broken = False
         assert not worker.ready
         assert model.stats_data()["health"] == f"unhealthy: {FAILURES} engine failures in a row"
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "queued"])
+async def test_failures_caused_by_inputs_never_take_the_engine_out(
+    nats_server: inferbus.EmbeddedServer, direct: bool
+) -> None:
+    """The failing model raises on negative inputs only: its probe passes, inputs are blamed."""
+    options = inferbus.ConnectOptions(servers=[nats_server.url], name="test-worker")
+    async with (
+        inferbus.Worker([failing_config(direct=direct)], options) as worker,
+        inferbus.connect(nats_server.url) as client,
+    ):
+        health = worker.models[0].health
+        bad = {"x": -np.ones((1, 4), dtype=np.float32)}
+        for _ in range(2 * FAILURES):
+            with pytest.raises(inferbus.EngineFailure, match="engine exploded"):
+                await client.infer("failing", bad, timeout=5)
+        assert worker.models[0].stats_data()["errors_by_code"] == {"500": 2 * FAILURES}
+        for _ in range(100):  # the watchdog probes (every 0.2 s); it passes: the count resets
+            if health.failures_in_a_row == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert health.failures_in_a_row == 0
+        assert worker.ready
+        good = {"x": np.ones((1, 4), dtype=np.float32)}
+        np.testing.assert_array_equal((await client.infer("failing", good)).output, good["x"])
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "queued"])

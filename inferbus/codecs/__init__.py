@@ -7,13 +7,17 @@ from inferbus.codecs.registry import CODECS, get_codec
 from inferbus.codecs.wire import (
     InferRequest,
     InferResponse,
+    RequestHeader,
+    TensorEntry,
     Tensors,
     decode_error,
     decode_request,
     decode_response,
+    decode_tensors,
     encode_error,
     encode_request,
     encode_response,
+    read_request_header,
 )
 
 __all__ = [
@@ -26,14 +30,18 @@ __all__ = [
     "InferRequest",
     "InferResponse",
     "Jpeg",
+    "RequestHeader",
+    "TensorEntry",
     "Tensors",
     "datatype_of",
     "decode_error",
     "decode_request",
     "decode_response",
+    "decode_tensors",
     "encode_error",
     "encode_request",
     "encode_response",
     "get_codec",
     "numpy_dtype",
+    "read_request_header",
 ]

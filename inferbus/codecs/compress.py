@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from typing import Final
@@ -11,6 +12,7 @@ import numpy as np
 import zstandard
 
 from inferbus.codecs import raw
+from inferbus.codecs._datatypes import BYTES
 from inferbus.codecs.base import decoded_size
 from inferbus.errors import BadInput, PayloadTooLarge
 
@@ -50,6 +52,9 @@ class Zstd:
         shaped = decoded_size(datatype, shape, limit)  # 413 before the data is looked at
         try:
             size = _plain_size(zstandard.frame_content_size(data), shaped, limit, "zstd")
+            if datatype == BYTES:  # streamed: a frame may claim far more than the shape holds
+                reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=True)
+                return raw.decode_bytes_from(reader.read, math.prod(shape), size).reshape(shape)
             plain = zstandard.ZstdDecompressor().decompress(
                 data, max_output_size=size, allow_extra_data=False
             )
@@ -84,6 +89,12 @@ class Lz4:
         # lz4 writes 0 both for "not stored" and for an empty tensor; the shape tells which.
         declared = stored if stored or not math.prod(shape) else -1
         size = _plain_size(declared, shaped, limit, "lz4")
+        if datatype == BYTES:  # streamed: a frame may claim far more than the shape holds
+            try:
+                reader = lz4.frame.LZ4FrameFile(io.BytesIO(compressed))
+                return raw.decode_bytes_from(reader.read, math.prod(shape), size).reshape(shape)
+            except (RuntimeError, EOFError) as exc:
+                raise BadInput(f"lz4: {exc}") from exc
         decompressor = lz4.frame.LZ4FrameDecompressor()
         try:
             plain = decompressor.decompress(compressed, max_length=size)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 from typing import Final
 
 import numpy as np
@@ -82,6 +83,35 @@ def _decode_bytes(data: memoryview, count: int) -> np.ndarray:
     if offset != len(data):
         raise BadInput(f"BYTES tensor has {len(data) - offset} bytes left over")
     return out
+
+
+def decode_bytes_from(read: Callable[[int], bytes], count: int, size: int) -> np.ndarray:
+    """``count`` BYTES elements read from a stream (a decompressor's) that declared ``size``
+    bytes, never reading past them: each element's length is checked against what is left of
+    ``size`` before it is read, and data left over after the last element is refused after one
+    byte. ``size`` is already within the caller's memory limit."""
+    out = np.empty(count, dtype=object)
+    left = size
+    for index in range(count):
+        (length,) = _LENGTH.unpack(_read_exactly(read, _LENGTH.size))
+        left -= _LENGTH.size + length
+        if left < 0:
+            raise BadInput("BYTES element runs past the end of its tensor")
+        out[index] = _read_exactly(read, length)
+    if read(1):
+        raise BadInput("BYTES tensor has data left over after its last element")
+    return out
+
+
+def _read_exactly(read: Callable[[int], bytes], size: int) -> bytes:
+    parts, missing = [], size
+    while missing:
+        part = read(missing)
+        if not part:
+            raise BadInput("BYTES tensor is truncated")
+        parts.append(part)
+        missing -= len(part)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class Raw:

@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 
 from inferbus.codecs import raw
-from inferbus.codecs._datatypes import BYTES, DATATYPES, datatype_of
+from inferbus.codecs._datatypes import BYTES, DATATYPES, datatype_of, numpy_dtype
 from inferbus.codecs.base import RAW, Choices, Codec
 from inferbus.codecs.registry import codec_for, get_codec
 from inferbus.errors import BadInput, PayloadTooLarge
@@ -60,12 +60,43 @@ class InferResponse:
     outputs: Tensors = field(default_factory=dict)
 
 
-class _TensorEntry(NamedTuple):
+class TensorEntry(NamedTuple):
+    """One tensor as the JSON header declares it; ``size`` is its bytes on the wire."""
+
     name: str
     datatype: str
     shape: tuple[int, ...]
     size: int
     codec: Codec | None  # None: raw
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHeader:
+    """A request whose JSON header is read and checked but whose tensors are not decoded yet:
+    a receiver validates the declared names, datatypes and shapes before any codec runs."""
+
+    id: str
+    tensors: tuple[TensorEntry, ...]
+    data: memoryview  # the tensor bytes, in the order of ``tensors``
+    outputs: tuple[str, ...] = ()
+    timeout_us: int | None = None
+    reply_codec: str | None = None
+
+    @property
+    def expands(self) -> bool:
+        """Some tensor uses a codec, so decoding may take far more memory and time than the
+        body's size suggests."""
+        return any(entry.codec is not None for entry in self.tensors)
+
+    def decoded_bytes(self) -> int:
+        """What the tensors take once decoded, at least: exact for numeric tensors; for BYTES,
+        the per-element cost (their content adds to it)."""
+        total = 0
+        for entry in self.tensors:
+            dtype = numpy_dtype(entry.datatype)
+            itemsize = BYTES_ELEMENT_COST if dtype is None else dtype.itemsize
+            total += math.prod(entry.shape) * itemsize
+        return total
 
 
 _NO_PARAMETERS: Final[dict[str, Any]] = {}
@@ -88,6 +119,11 @@ def encode_request(request: InferRequest, codecs: Choices = None) -> bytes:
 
 def decode_request(body: bytes | bytearray, limit: int = DEFAULT_DECODE_LIMIT) -> InferRequest:
     """The request in ``body``; decoding allocates at most ``limit`` bytes (else 413)."""
+    return decode_tensors(read_request_header(body), limit)
+
+
+def read_request_header(body: bytes | bytearray) -> RequestHeader:
+    """The request's JSON header, checked, with its tensor entries; no tensor is decoded."""
     header, data = _unframe(body)
     timeout = reply_codec = None
     parameters = header.get("parameters")
@@ -99,12 +135,24 @@ def decode_request(body: bytes | bytearray, limit: int = DEFAULT_DECODE_LIMIT) -
             raise BadInput("parameters.timeout must be a non-negative integer (microseconds)")
         reply_codec = _reply_codec(parameters.get("reply_codec"))
     outputs = header.get("outputs")
-    return InferRequest(
+    return RequestHeader(
         id=_request_id(header),
-        inputs=_read_tensors(header, "inputs", data, limit),
+        tensors=_entries(header, "inputs", data),
+        data=data,
         outputs=_requested_outputs(outputs) if outputs is not None else (),
         timeout_us=timeout,
         reply_codec=reply_codec,
+    )
+
+
+def decode_tensors(header: RequestHeader, limit: int = DEFAULT_DECODE_LIMIT) -> InferRequest:
+    """Decode a checked header's tensors, allocating at most ``limit`` bytes (else 413)."""
+    return InferRequest(
+        id=header.id,
+        inputs=_decode_entries(header.tensors, header.data, limit),
+        outputs=header.outputs,
+        timeout_us=header.timeout_us,
+        reply_codec=header.reply_codec,
     )
 
 
@@ -123,7 +171,7 @@ def decode_response(body: bytes | bytearray, limit: int = DEFAULT_DECODE_LIMIT) 
         id=_request_id(header),
         model_name=str(header.get("model_name", "")),
         model_version=str(header.get("model_version", "")),
-        outputs=_read_tensors(header, "outputs", data, limit),
+        outputs=_decode_entries(_entries(header, "outputs", data), data, limit),
     )
 
 
@@ -188,21 +236,27 @@ def _unframe(body: bytes | bytearray) -> tuple[dict[str, Any], memoryview]:
     return header, view[end:]
 
 
-def _read_tensors(
-    header: dict[str, Any], key: str, data: memoryview, limit: int
-) -> dict[str, np.ndarray]:
+def _entries(header: dict[str, Any], key: str, data: memoryview) -> tuple[TensorEntry, ...]:
     raw_entries = header.get(key)
     if type(raw_entries) is not list:
         raise BadInput(f"{key!r} must be a list of tensors")
-    entries = [_tensor_entry(entry, key, index) for index, entry in enumerate(raw_entries)]
+    entries = tuple(_tensor_entry(entry, key, index) for index, entry in enumerate(raw_entries))
     declared = sum(entry.size for entry in entries)
     if declared != len(data):
         raise BadInput(f"tensors declare {declared} bytes of data but the body carries {len(data)}")
+    names = [entry.name for entry in entries]
+    if len(set(names)) != len(names):
+        twice = next(name for index, name in enumerate(names) if name in names[:index])
+        raise BadInput(f"tensor {twice!r} appears twice")
+    return entries
+
+
+def _decode_entries(
+    entries: tuple[TensorEntry, ...], data: memoryview, limit: int
+) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     offset = 0
     for entry in entries:
-        if entry.name in tensors:
-            raise BadInput(f"tensor {entry.name!r} appears twice")
         end = offset + entry.size
         chunk = data[offset:end]
         if entry.datatype == BYTES:
@@ -231,7 +285,7 @@ def _plain_bytes(array: np.ndarray) -> int:
     return int(array.nbytes)
 
 
-def _tensor_entry(entry: object, key: str, index: int) -> _TensorEntry:
+def _tensor_entry(entry: object, key: str, index: int) -> TensorEntry:
     # On the hot path: plain type checks, and error text built only when there is an error.
     if type(entry) is not dict:
         raise BadInput(f"{key}[{index}] must be an object")
@@ -255,7 +309,7 @@ def _tensor_entry(entry: object, key: str, index: int) -> _TensorEntry:
     shape = _shape(entry.get("shape"), key, index, name)
     if codec is not None:
         codec.check(datatype, shape)
-    return _TensorEntry(name, datatype, shape, size, codec)
+    return TensorEntry(name, datatype, shape, size, codec)
 
 
 def _codec(name: object, key: str, index: int, tensor: str) -> Codec:

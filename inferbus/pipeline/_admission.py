@@ -12,7 +12,13 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Final
 
-from inferbus.codecs import InferRequest, decode_request, get_codec
+from inferbus.codecs import (
+    InferRequest,
+    RequestHeader,
+    decode_tensors,
+    get_codec,
+    read_request_header,
+)
 from inferbus.contract import Signature
 from inferbus.errors import BadInput, PayloadTooLarge
 from inferbus.pipeline._service import EndpointRecord
@@ -55,36 +61,53 @@ class Admission:
     async def admit(
         self, data: bytes | bytearray, reply: str, record: EndpointRecord, received_ns: int
     ) -> Work:
-        """The work a body asks for; raises the ``RequestError`` to answer instead."""
-        if len(data) > DECODE_OFF_LOOP_BYTES:  # decompressing 100s of MiB takes a while
-            request = await run_in_thread(None, self.decode, data)
+        """The work a body asks for; raises the ``RequestError`` to answer instead.
+
+        Everything the JSON header declares is checked before any tensor is decoded, and
+        decoding that can expand (a codec, or a large body) runs off the event loop."""
+        header = self.read_header(data)
+        rows = self.check(header)
+        limit = self.config.max_request_bytes
+        if header.expands or len(data) > DECODE_OFF_LOOP_BYTES:
+            request = await run_in_thread(None, decode_tensors, header, limit)
         else:
-            request = self.decode(data)
-        rows = self.check(request)
+            request = decode_tensors(header, limit)
         timeout = request.timeout_us
         deadline = None if timeout is None else time.monotonic() + timeout / 1e6
-        return Work(request, rows, self.batch_key(request), deadline, reply, record, received_ns)
+        key = self.batch_key(request)
+        return Work(request, rows, key, deadline, reply, record, received_ns)
 
-    def decode(self, data: bytes | bytearray) -> InferRequest:
+    def read_header(self, data: bytes | bytearray) -> RequestHeader:
         limit = self.config.max_request_bytes
         if len(data) > limit:
             raise PayloadTooLarge(f"request of {len(data)} bytes exceeds max_request_bytes {limit}")
-        return decode_request(data, limit)
+        return read_request_header(data)
 
-    def check(self, request: InferRequest) -> int:
-        """Validate against the signature; the request's batch size in rows."""
-        self.signature.check_inputs(request.inputs)
-        unknown = set(request.outputs) - self.output_names
+    def check(self, header: RequestHeader) -> int:
+        """Validate what the header declares against the signature and the limits; the
+        request's batch size in rows."""
+        declared = {entry.name: (entry.datatype, entry.shape) for entry in header.tensors}
+        self.signature.check_declared(declared)
+        unknown = set(header.outputs) - self.output_names
         if unknown:
             raise BadInput(f"unknown outputs {sorted(unknown)}; has {sorted(self.output_names)}")
-        if request.reply_codec is not None:
-            codec = get_codec(request.reply_codec)
+        if header.reply_codec is not None:
+            codec = get_codec(header.reply_codec)
             for spec in self.signature.outputs:  # fail now, not after computing
-                if not request.outputs or spec.name in request.outputs:
+                if not header.outputs or spec.name in header.outputs:
                     codec.check(spec.datatype, tuple(max(dim, 1) for dim in spec.shape))
+        rows = self._rows(header)
+        needed, limit = header.decoded_bytes(), self.config.max_request_bytes
+        if needed > limit:
+            raise PayloadTooLarge(
+                f"the tensors take {needed} bytes decoded; max_request_bytes is {limit}"
+            )
+        return rows
+
+    def _rows(self, header: RequestHeader) -> int:
         if not self.batched:
             return 1
-        sizes = {array.shape[0] for array in request.inputs.values()}
+        sizes = {entry.shape[0] for entry in header.tensors}
         if len(sizes) != 1:
             raise BadInput(f"inputs disagree on the batch size: {sorted(sizes)}")
         rows: int = sizes.pop()

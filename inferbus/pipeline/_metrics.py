@@ -10,6 +10,7 @@ Read from the same counters as ``$SRV.STATS`` at scrape time, so the two never d
 | inferbus_execution_count_total | counter | engine calls (batches) |
 | inferbus_queue_duration_us_total | counter | time requests waited for their batch |
 | inferbus_compute_duration_us_total | counter | time in engine calls |
+| inferbus_request_dropped_total | counter | requests dropped unanswered: reply subject refused |
 | inferbus_pending_request_count | gauge | requests waiting in the queue now |
 
 Every series carries ``model`` and ``version`` labels.
@@ -41,6 +42,7 @@ class _Collector:
         execution = _counter("execution_count", "Engine calls (batches)")
         queue = _counter("queue_duration_us", "Microseconds requests waited in the queue")
         compute = _counter("compute_duration_us", "Microseconds spent in engine calls")
+        dropped = _counter("request_dropped", "Requests dropped unanswered (reply subject refused)")
         pending = GaugeMetricFamily(
             "inferbus_pending_request_count", "Requests waiting in the queue", labels=LABELS
         )
@@ -54,8 +56,9 @@ class _Collector:
             execution.add_metric(labels, data["execution_count"])
             queue.add_metric(labels, data["queue_ns"] / 1e3)
             compute.add_metric(labels, data["compute_ns"] / 1e3)
+            dropped.add_metric(labels, data["dropped_count"])
             pending.add_metric(labels, data["pending"])
-        yield from (success, failure, inference, execution, queue, compute, pending)
+        yield from (success, failure, inference, execution, queue, compute, dropped, pending)
 
 
 class MetricsServer:

@@ -4,17 +4,16 @@ makes and the receiver's answer, both framed like a body, and the headers that m
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
 from nats.aio.msg import Msg
 
+from inferbus.contract import reply_subject_problem
 from inferbus.errors import BadInput, InferbusError
 
 TRANSFER_HEADER: Final = "Inferbus-Transfer"
-_SUBJECT: Final = re.compile(r"[^\s*>.]+(\.[^\s*>.]+)*")
 CHUNK_HEADER: Final = "Inferbus-Chunk"
 OFFER: Final = "offer"
 MAX_CHUNK: Final = 4 * 1024 * 1024
@@ -67,8 +66,9 @@ class Offer:
             raise BadInput("transfer offer needs positive integer size, chunk_size, timeout_ms")
         if type(reply) is not str or fields.get("chunks") != math.ceil(size / chunk):  # type: ignore[operator]
             raise BadInput("transfer offer is inconsistent")
-        if reply and not _SUBJECT.fullmatch(reply):
-            raise BadInput("transfer reply must be a plain NATS subject (no spaces or wildcards)")
+        problem = reply_subject_problem(reply) if reply else None
+        if problem:
+            raise BadInput(f"transfer reply subject refused: {problem}")
         if chunk < MIN_CHUNK and chunk < size:  # type: ignore[operator]
             raise BadInput(f"transfer chunks must be at least {MIN_CHUNK} bytes")
         return cls(size, chunk, min(timeout_ms / 1e3, MAX_TRANSFER_S), reply)  # type: ignore[arg-type, operator]

@@ -20,7 +20,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from inferbus.contract import endpoint_name, infer_subject, queue_group
+from inferbus.contract import endpoint_name, infer_subject, queue_group, reply_subject_problem
 from inferbus.engines import Engine, create_engine
 from inferbus.errors import RequestError, Unavailable
 from inferbus.pipeline._admission import Admission, Work
@@ -84,8 +84,9 @@ class ServedModel:
         self._direct = inline and len(engines) == 1 and not self.config.max_queue_delay_ms
         self._routes: list[_Route] = []
         self._consumers: list[asyncio.Task[None]] = []
-        # Two requests of the largest size may arrive in chunks at once; more wait (429).
-        self._transfer_budget = TransferBudget(2 * self.config.max_request_bytes)
+        # Two requests of the largest size may arrive in chunks at once, one per sender; more
+        # are refused (429).
+        self._transfer_budget = TransferBudget(2 * self.config.max_request_bytes, share=0.5)
 
     @property
     def replier(self) -> Replier:
@@ -145,6 +146,9 @@ class ServedModel:
             # nats-py awaits one subscription's callbacks in turn: this only admits the request.
             if not msg.reply:  # a publish, not a request, has nobody to answer
                 return
+            if reply_subject_problem(msg.reply):  # answering could harm the bus or us
+                self.stats.dropped()
+                return
             if is_offer(msg):
                 await self._accept_transfer(msg, record)
                 return
@@ -179,6 +183,13 @@ class ServedModel:
         health = self.health
         if health.healthy:
             reason = health.verdict(now)
+            if reason and health.busy_since is None and await self.executor.probe():
+                # Failures the engine does not repeat on its warm-up inputs were the inputs'
+                # fault: a client must not be able to take a model out of rotation.
+                log.info("%s: %s, but the engine passes its probe: inputs blamed",
+                         self.config.name, reason)  # fmt: skip
+                health.failures_in_a_row = 0
+                return
             if reason:
                 await self.take_out(reason)
         elif health.busy_since is None and (

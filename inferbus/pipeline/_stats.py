@@ -28,6 +28,7 @@ class ModelStats:
         self.queue_ns = 0
         self.compute_ns = 0
         self.errors_by_code: Counter[int] = Counter()
+        self.dropped_count = 0  # never answered: the reply subject was refused
         self._recent_queue_ns: deque[int] = deque(maxlen=RECENT)
         self._recent_compute_ns: deque[int] = deque(maxlen=RECENT)
 
@@ -38,6 +39,10 @@ class ModelStats:
                 self.success_count += 1
             else:
                 self.errors_by_code[error_code] += 1
+
+    def dropped(self) -> None:
+        with self._lock:
+            self.dropped_count += 1
 
     def queued(self, waited_ns: int) -> None:
         with self._lock:
@@ -69,6 +74,7 @@ class ModelStats:
                 "compute_ms": _percentiles(self._recent_compute_ns),
                 "errors_by_code": {str(c): n for c, n in sorted(self.errors_by_code.items())},
                 "pending": pending,
+                "dropped_count": self.dropped_count,
             }
 
 

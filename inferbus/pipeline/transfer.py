@@ -21,7 +21,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from inferbus.contract import error_from_reply, error_reply
+from inferbus.contract import error_from_reply, error_reply, reply_subject_problem
 from inferbus.errors import (
     BadInput,
     DeadlineExceeded,
@@ -42,6 +42,11 @@ from inferbus.pipeline.nats_errors import nats_errors
 WINDOW: Final = 8  # chunks in flight: measured faster than one message, without flooding
 IDLE_S: Final = 10.0  # a receiver that hears no chunk for this long gives up
 CHUNK_ACK_S: Final = 5.0  # a 4 MiB chunk takes well under 0.1 s here
+# A transfer must average this many bytes a second after its first RATE_GRACE_S (4 MiB/s is a
+# 32 Mbit/s link; this machine moves 110-200 MB/s): a drip cannot hold a receiver's memory.
+MIN_RATE: Final = 4 * 1024 * 1024
+RATE_GRACE_S: Final = 2.0
+CHECK_S: Final = 0.5  # how often a waiting receiver checks the rate
 
 
 def _raise_if_error(msg: Msg, context: str) -> None:
@@ -107,20 +112,34 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
 
 
 class TransferBudget:
-    """Bytes a process may have in incoming transfers at once; offers beyond it get 429."""
+    """Bytes a process may have in incoming transfers at once, and at most ``share`` of them
+    for one sender (the connection its offers come from); offers beyond either get 429."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, *, share: float = 1.0) -> None:
         self.limit = limit
+        self.per_sender = int(limit * share)
         self.in_use = 0
+        self._by_sender: dict[str, int] = {}
 
-    def reserve(self, size: int) -> bool:
-        if self.in_use + size > self.limit:
+    def reserve(self, size: int, sender: str = "") -> bool:
+        held = self._by_sender.get(sender, 0)
+        if self.in_use + size > self.limit or held + size > self.per_sender:
             return False
         self.in_use += size
+        self._by_sender[sender] = held + size
         return True
 
-    def release(self, size: int) -> None:
+    def release(self, size: int, sender: str = "") -> None:
         self.in_use -= size
+        held = self._by_sender.pop(sender, 0) - size
+        if held > 0:
+            self._by_sender[sender] = held
+
+
+def sender_of(reply: str) -> str:
+    """Who made an offer, as far as an open bus tells: its reply inbox's connection prefix
+    (nats-py and the other clients answer requests on ``_INBOX.<connection>.<token>``)."""
+    return ".".join(reply.split(".", 2)[:2])
 
 
 class Receiver:
@@ -129,10 +148,17 @@ class Receiver:
     active: int = 0  # transfers in progress in this process, for tests and stats
 
     def __init__(
-        self, client: NatsClient, offer: Offer, budget: TransferBudget | None = None
+        self,
+        client: NatsClient,
+        offer: Offer,
+        budget: TransferBudget | None = None,
+        sender: str = "",
     ) -> None:
         self.client = client
         self.offer = offer
+        self.sender = sender
+        self.received = 0
+        self.started = time.monotonic()
         # Allocated at the first chunk, not at the offer: an offer alone commits no memory.
         self.buffer = bytearray()
         self.missing = set(range(offer.chunks))
@@ -161,12 +187,16 @@ class Receiver:
                 raise PayloadTooLarge(f"transfer of {offer.size} bytes exceeds the limit {limit}")
             if needs_reply and not offer.reply:
                 raise BadInput("a request sent in chunks must name its reply subject")
-            if budget is not None and not budget.reserve(offer.size):
-                raise Overloaded(f"too many bytes already in transfer here ({budget.limit} max)")
+            sender = sender_of(msg.reply)
+            if budget is not None and not budget.reserve(offer.size, sender):
+                raise Overloaded(
+                    f"too many bytes already in transfer here ({budget.limit} in all, "
+                    f"{budget.per_sender} per sender)"
+                )
         except RequestError as exc:
             await _answer_error(client, msg.reply, exc)
             raise
-        receiver = cls(client, offer, budget)
+        receiver = cls(client, offer, budget, sender)
         subject = client.new_inbox()
         receiver._subscription = await client.subscribe(subject, cb=receiver._on_chunk)
         Receiver.active += 1
@@ -175,13 +205,17 @@ class Receiver:
         return receiver
 
     async def _on_chunk(self, msg: Msg) -> None:
+        if reply_subject_problem(msg.reply):  # acks go only where a sender may be listening
+            return
         try:
             index = self._store(msg)
         except RequestError as exc:
             await _answer_error(self.client, msg.reply, exc)
             self._finish(exc)
             return
-        self.missing.discard(index)
+        if index in self.missing:
+            self.missing.discard(index)
+            self.received += len(msg.data)
         self.last_activity = time.monotonic()
         await self.client.publish(msg.reply, b"")
         if not self.missing:
@@ -214,28 +248,35 @@ class Receiver:
             self.done.set_exception(error)
 
     async def wait(self) -> bytearray:
-        """The whole body, or DeadlineExceeded when the sender went quiet; always cleans up."""
+        """The whole body, or DeadlineExceeded when the sender went quiet, ran out of time or
+        fell below ``MIN_RATE`` (a sender that drips chunks holds memory others need);
+        always cleans up."""
         deadline = time.monotonic() + self.offer.timeout_s
         try:
             while True:
                 now = time.monotonic()
                 left = min(deadline - now, IDLE_S - (now - self.last_activity))
-                if left <= 0:
+                if left <= 0 or self._too_slow(now):
                     raise DeadlineExceeded(
                         f"transfer abandoned: {len(self.missing)} of {self.offer.chunks} "
-                        "chunks missing (sender quiet or out of time)"
+                        f"chunks missing after {now - self.started:.1f}s (sender quiet, too "
+                        f"slow or out of time)"
                     )
                 with contextlib.suppress(TimeoutError):
-                    return await asyncio.wait_for(asyncio.shield(self.done), left)
+                    return await asyncio.wait_for(asyncio.shield(self.done), min(left, CHECK_S))
         finally:
             await self.close()
+
+    def _too_slow(self, now: float) -> bool:
+        due = (now - self.started - RATE_GRACE_S) * MIN_RATE
+        return self.received < min(due, self.offer.size)
 
     async def close(self) -> None:
         subscription, self._subscription = self._subscription, None
         if subscription is not None:
             Receiver.active -= 1
             if self._budget is not None:
-                self._budget.release(self.offer.size)
+                self._budget.release(self.offer.size, self.sender)
             if not self.client.is_closed:
                 await subscription.unsubscribe()
         if not self.done.done():
