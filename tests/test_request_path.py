@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 import inferbus
-from inferbus.engines import OnnxRuntimeEngine
-from inferbus.engines.base import Tensors
+from inferbus.engines import OnnxRuntimeEngine, Tensors
 from tests.conftest import TEST_MODELS
 
 FAILURES = 3

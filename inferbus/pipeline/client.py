@@ -1,13 +1,11 @@
 """The application end: ``async with inferbus.connect(...) as client: await client.infer(...)``.
-
-The client owns the caller's API: retries within the caller's budget, the discovery cache and
-``map``. How bytes reach a worker and come back is its ``Transport``'s business.
-"""
+Retries, the discovery cache and ``map`` live here; moving bytes is the ``Transport``'s job."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -20,16 +18,20 @@ import numpy as np
 from nats.aio.client import Client as NatsClient
 
 from inferbus.codecs import Choices, InferRequest, encode_request
-from inferbus.codecs.wire import DEFAULT_DECODE_LIMIT
 from inferbus.contract import infer_subject
 from inferbus.errors import BadInput, DeadlineExceeded, RequestError, Unavailable
 from inferbus.pipeline import mapping
 from inferbus.pipeline._lifecycle import AsyncResource
-from inferbus.pipeline.connection import ConnectOptions, connect_nats, split_servers
+from inferbus.pipeline.connection import ConnectOptions, split_servers
 from inferbus.pipeline.discovery import Directory, ModelInfo
 from inferbus.pipeline.result import InferResult, read_result
 from inferbus.pipeline.retry import RetryPolicy
-from inferbus.pipeline.transport import Transport
+from inferbus.pipeline.transport import (
+    MAX_REPLY_BYTES,
+    MAX_REPLY_BYTES_IN_FLIGHT,
+    ReplyLimits,
+    Transport,
+)
 
 DEFAULT_TIMEOUT = 10.0
 STOP_WAIT_S = 10.0
@@ -60,11 +62,13 @@ class Client(AsyncResource):
         *,
         max_in_flight: int = 256,
         retry: RetryPolicy | None = None,
+        reply_limits: ReplyLimits | None = None,
     ) -> None:
         if max_in_flight < 1:
             raise BadInput("max_in_flight must be >= 1")
         self.options = options
         self.retry = retry or RetryPolicy()
+        self.reply_limits = reply_limits or ReplyLimits()
         self._transport: Transport | None = None
         self._models: Directory | None = None
         self._subjects: dict[tuple[str, int | None], str] = {}
@@ -94,8 +98,8 @@ class Client(AsyncResource):
     async def start(self) -> None:
         """Connect to NATS (``async with`` does this)."""
         if self._transport is None:
-            nats = await connect_nats(self.options)
-            self._transport, self._models = Transport(nats), Directory(nats)
+            self._transport = await Transport.open(self.options, self.reply_limits)
+            self._models = Directory(self._transport.nats)
 
     async def stop(self) -> None:
         """Let calls in flight finish (up to ``STOP_WAIT_S``), then disconnect."""
@@ -103,8 +107,8 @@ class Client(AsyncResource):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), STOP_WAIT_S)
         transport, self._transport, self._models = self._transport, None, None
-        if transport is not None and not transport.nats.is_closed:
-            await transport.nats.drain()
+        if transport is not None:
+            await transport.close()
 
     async def infer(
         self,
@@ -128,13 +132,12 @@ class Client(AsyncResource):
         if timeout <= 0:
             raise BadInput("timeout must be positive")
         started = time.monotonic()
-        subject = self._subjects.get((model, version)) or self._subject(model, version)
+        subject = self._subjects.get((model, version))
+        if subject is None:  # checked and cached: the name rule is run once per model
+            subject = self._subjects[(model, version)] = infer_subject(model, version)
         call = _Call(model, version, subject, tuple(outputs), codec, reply_codec)
-        named = (
-            inputs
-            if type(inputs) is dict
-            else await self._directory().named(model, version, inputs)
-        )
+        directory = self._directory()
+        named = inputs if type(inputs) is dict else await directory.named(model, version, inputs)
         request_id = f"{self._id_prefix}{next(self._ids)}"
         self._busy += 1  # stop() lets calls in flight finish, backoffs included
         self._idle.clear()
@@ -177,7 +180,7 @@ class Client(AsyncResource):
             )
             body = encode_request(request, call.codec)
             data = await self._connected().exchange(call.subject, body, budget)
-        return read_result(data, DEFAULT_DECODE_LIMIT, attempt)
+        return await read_result(data, request_id, self.reply_limits.max_bytes, attempt)
 
     @overload
     def map(
@@ -239,24 +242,13 @@ class Client(AsyncResource):
         if concurrency < 1 or pack < 1:
             raise BadInput("concurrency and pack must be >= 1")
         chunks, total = await mapping.chunks(self._directory(), model, version, items, pack, total)
-
-        async def infer_chunk(chunk: mapping.Chunk) -> list[InferResult | RequestError]:
-            try:
-                result = await self.infer(model, chunk.inputs, version=version, timeout=timeout,
-                                          codec=codec, reply_codec=reply_codec)  # fmt: skip
-            except RequestError as exc:
-                return [exc] * len(chunk.rows)
-            return list(mapping.split_result(result, chunk.rows))
-
+        infer = functools.partial(self.infer, model, version=version, timeout=timeout,
+                                  codec=codec, reply_codec=reply_codec)  # fmt: skip
         bar = mapping.progress_bar(progress, total, model)
         async for result in mapping.run_window(
-            chunks, infer_chunk, concurrency=concurrency, errors=errors, progress=bar
+            chunks, infer, concurrency=concurrency, errors=errors, progress=bar
         ):
             yield result
-
-    def _subject(self, model: str, version: int | None) -> str:
-        subject = self._subjects[(model, version)] = infer_subject(model, version)
-        return subject
 
     async def describe(self, model: str, version: int | None = None) -> ModelInfo:
         """The signature and limits of a served model (asked again after a minute, so a
@@ -281,6 +273,8 @@ def connect(
     tls_ca: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    max_reply_bytes: int = MAX_REPLY_BYTES,
+    max_reply_bytes_in_flight: int = MAX_REPLY_BYTES_IN_FLIGHT,
 ) -> Client:
     """A client for ``servers`` (default ``$INFERBUS_SERVERS`` or nats://127.0.0.1:4222).
 
@@ -288,7 +282,9 @@ def connect(
     file (default ``$INFERBUS_CREDS``); ``tls_*`` are PEM paths for TLS. At most
     ``max_in_flight`` requests wait for replies at once; more wait their turn in the client.
     ``retry`` says how requests are tried again after no responders (briefly), a full queue,
-    an unavailable or silent worker — always within each call's ``timeout``.
+    an unavailable or silent worker — always within each call's ``timeout``. A reply may take
+    at most ``max_reply_bytes`` (256 MiB) decoded, and reply transfers under way at most
+    ``max_reply_bytes_in_flight`` (512 MiB) together; beyond, the call raises 413.
     """
     settings: dict[str, Any] = {"name": name, "tls_ca": tls_ca, "tls_cert": tls_cert}
     settings["tls_key"] = tls_key
@@ -296,4 +292,7 @@ def connect(
         settings["servers"] = split_servers(servers if isinstance(servers, str) else list(servers))
     if creds is not None:
         settings["creds"] = creds
-    return Client(ConnectOptions(**settings), max_in_flight=max_in_flight, retry=retry)
+    limits = ReplyLimits(max_reply_bytes, max_reply_bytes_in_flight)
+    return Client(
+        ConnectOptions(**settings), max_in_flight=max_in_flight, retry=retry, reply_limits=limits
+    )

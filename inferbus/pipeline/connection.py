@@ -10,10 +10,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from nats import errors as nats_errors
+from nats import errors as nats_error_types
 from nats.aio.client import Client as NatsClient
 
-from inferbus.errors import ConnectionFailed
+from inferbus.errors import ConnectionFailed, DeadlineExceeded, Unavailable
+from inferbus.pipeline.nats_errors import nats_errors
 
 SERVERS_ENV: Final = "INFERBUS_SERVERS"
 CREDS_ENV: Final = "INFERBUS_CREDS"
@@ -64,7 +65,7 @@ class ConnectOptions:
 
 async def _log_error(exc: Exception) -> None:
     # Slow-consumer drops and server errors matter; refused connects during start-up do not.
-    if isinstance(exc, nats_errors.SlowConsumerError):
+    if isinstance(exc, nats_error_types.SlowConsumerError):
         log.warning("NATS: %s: requests were dropped", exc)
     else:
         log.debug("NATS: %s", exc)
@@ -127,3 +128,46 @@ async def connect_nats(
     # nats-py reads this option on every reconnect: a live process never gives up on its cluster.
     client.options["max_reconnect_attempts"] = -1
     return client
+
+
+class Liveness:
+    """Notices a connection that no longer reads, and reconnects it (subscriptions included).
+
+    nats-py 2.16 ends its read loop, without reconnecting, on a message whose header status
+    line is not UTF-8 — anyone who can publish to a subject we subscribe to can send one —
+    and would notice only at its next ping interval, minutes later. A PING every ``interval``
+    seconds that must come back within ``timeout`` catches that, and any other wedged
+    connection, within seconds.
+    """
+
+    def __init__(self, nats: NatsClient, *, interval: float = 1.0, timeout: int = 2) -> None:
+        self.nats = nats
+        self.interval = interval
+        self.timeout = timeout
+        self.reconnects = 0  # forced by this check, for tests and logs
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while not self.nats.is_closed:
+            await asyncio.sleep(self.interval)
+            if not self.nats.is_connected:
+                continue  # nats-py is reconnecting already
+            try:
+                with nats_errors("PING", self.timeout):
+                    await self.nats.rtt(self.timeout)
+            except DeadlineExceeded:
+                log.warning("NATS: no PONG within %ds: the connection is wedged; reconnecting",
+                            self.timeout)  # fmt: skip
+                self.reconnects += 1
+                await self.nats.force_reconnect()
+            except Unavailable:
+                return  # closed for good: whoever owns the connection handles that

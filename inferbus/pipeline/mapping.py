@@ -100,18 +100,19 @@ def unpack(outputs: Tensors, rows: Sequence[int]) -> list[dict[str, np.ndarray]]
     ]
 
 
-InferChunk = Callable[[Chunk], Coroutine[Any, Any, list[InferResult | RequestError]]]
+Infer = Callable[[Tensors], Coroutine[Any, Any, InferResult]]
 
 
 async def run_window(
     chunks: Iterable[Chunk],
-    infer: InferChunk,
+    infer: Infer,
     *,
     concurrency: int,
     errors: str,
     progress: Any,
 ) -> AsyncIterator[InferResult | RequestError]:
-    """Results of ``infer`` on every chunk, in order, with ``concurrency`` chunks in flight.
+    """Results of ``infer`` on every chunk, one per packed item, in order, with
+    ``concurrency`` chunks in flight.
 
     With ``errors="raise"`` the first failed item raises; otherwise it is yielded in place.
     Leaving early (a raise, or the caller breaking off) cancels what is still in flight."""
@@ -120,7 +121,7 @@ async def run_window(
     try:
         while True:
             for chunk in itertools.islice(pending, concurrency - len(window)):
-                window.append(asyncio.create_task(infer(chunk)))
+                window.append(asyncio.create_task(_infer_chunk(infer, chunk)))
             if not window:
                 return
             results = await window.popleft()
@@ -134,6 +135,14 @@ async def run_window(
             task.cancel()
         await asyncio.gather(*window, return_exceptions=True)
         progress.close()
+
+
+async def _infer_chunk(infer: Infer, chunk: Chunk) -> list[InferResult | RequestError]:
+    try:
+        result = await infer(chunk.inputs)
+    except RequestError as exc:
+        return [exc] * len(chunk.rows)
+    return list(split_result(result, chunk.rows))
 
 
 def split_result(result: InferResult, rows: Sequence[int]) -> list[InferResult]:

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Final
 
 import numpy as np
 
 from inferbus.codecs import decode_response
 from inferbus.errors import BadInput, EngineFailure
+from inferbus.pipeline._threads import run_in_thread
+
+DECODE_OFF_LOOP_BYTES: Final = 1 << 20
+# A tensor with a codec names it in the JSON header: such replies are decoded off the loop.
+_COMPRESSED: Final = b'"codec"'
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # arrays have no single truth value to compare
@@ -38,12 +44,27 @@ class InferResult(Mapping[str, np.ndarray]):
         return next(iter(self.outputs.values()))
 
 
-def read_result(data: bytes | bytearray, limit: int, attempts: int) -> InferResult:
-    """Decode a success reply (at most ``limit`` bytes of tensors)."""
+async def read_result(
+    data: bytes | bytearray, request_id: str, limit: int, attempts: int
+) -> InferResult:
+    """Decode a success reply (at most ``limit`` bytes of tensors) to request ``request_id``;
+    off the event loop when it is large or compressed (it may inflate up to ``limit``)."""
+    if len(data) > DECODE_OFF_LOOP_BYTES or _COMPRESSED in data[: 4 + _json_length(data)]:
+        return await run_in_thread(None, _read, data, request_id, limit, attempts)
+    return _read(data, request_id, limit, attempts)
+
+
+def _json_length(data: bytes | bytearray) -> int:
+    return int.from_bytes(data[:4], "little")
+
+
+def _read(data: bytes | bytearray, request_id: str, limit: int, attempts: int) -> InferResult:
     try:
         response = decode_response(data, limit)
     except BadInput as exc:  # the worker broke the protocol; the caller's input was fine
         raise EngineFailure(f"malformed reply: {exc.message}") from exc
+    if response.id != request_id:  # a stray or forged reply must not pass for ours
+        raise EngineFailure(f"reply id {response.id[:64]!r} is not the request's {request_id!r}")
     return InferResult(
         response.outputs, response.model_name, response.model_version, response.id, attempts
     )

@@ -31,6 +31,7 @@ from inferbus.errors import (
     Unavailable,
 )
 from inferbus.pipeline._offer import CHUNK_HEADER as CHUNK_HEADER
+from inferbus.pipeline._offer import MAX_TRANSFER_S as MAX_TRANSFER_S
 from inferbus.pipeline._offer import OFFER as OFFER
 from inferbus.pipeline._offer import TRANSFER_HEADER as TRANSFER_HEADER
 from inferbus.pipeline._offer import Offer as Offer
@@ -176,10 +177,12 @@ class Receiver:
         *,
         needs_reply: bool = False,
         budget: TransferBudget | None = None,
+        too_much: type[RequestError] = Overloaded,
     ) -> Receiver:
         """Answer an offer: refuse it (413, 400) or open a private subject for its chunks.
 
-        ``needs_reply``: a request must say where its response goes.
+        ``needs_reply``: a request must say where its response goes. An offer that does not
+        fit the ``budget`` now is refused with ``too_much`` (a worker: 429, try again later).
         """
         try:
             offer = Offer.parse(msg.data)
@@ -189,7 +192,7 @@ class Receiver:
                 raise BadInput("a request sent in chunks must name its reply subject")
             sender = sender_of(msg.reply)
             if budget is not None and not budget.reserve(offer.size, sender):
-                raise Overloaded(
+                raise too_much(
                     f"too many bytes already in transfer here ({budget.limit} in all, "
                     f"{budget.per_sender} per sender)"
                 )

@@ -9,23 +9,55 @@ NATS message.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
+from typing import Final
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from inferbus.codecs.wire import DEFAULT_DECODE_LIMIT
 from inferbus.contract import error_from_reply
-from inferbus.errors import DeadlineExceeded
+from inferbus.errors import BadInput, DeadlineExceeded, PayloadTooLarge
 from inferbus.pipeline import transfer
+from inferbus.pipeline.connection import ConnectOptions, Liveness, connect_nats
 from inferbus.pipeline.nats_errors import nats_errors
+
+MAX_REPLY_BYTES: Final = 256 * 1024 * 1024
+MAX_REPLY_BYTES_IN_FLIGHT: Final = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyLimits:
+    """What replies may cost the client: ``max_bytes`` for one reply (its transfer, and its
+    tensors once decoded: a small compressed reply may not inflate past it), and
+    ``in_flight_bytes`` for all reply transfers under way at once. Beyond either, 413."""
+
+    max_bytes: int = MAX_REPLY_BYTES
+    in_flight_bytes: int = MAX_REPLY_BYTES_IN_FLIGHT
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_bytes <= self.in_flight_bytes:
+            raise BadInput("reply limits need 0 < max_bytes <= in_flight_bytes")
 
 
 class Transport:
-    """Request/reply over one NATS connection; replies are bounded by ``reply_limit`` bytes."""
+    """Request/reply over one NATS connection, kept alive by a ``Liveness`` check."""
 
-    def __init__(self, nats: NatsClient, *, reply_limit: int = DEFAULT_DECODE_LIMIT) -> None:
+    def __init__(self, nats: NatsClient, limits: ReplyLimits | None = None) -> None:
         self.nats = nats
-        self.reply_limit = reply_limit
+        self.limits = limits or ReplyLimits()
+        self._replies = transfer.TransferBudget(self.limits.in_flight_bytes)
+        self._liveness = Liveness(nats)
+
+    @classmethod
+    async def open(cls, options: ConnectOptions, limits: ReplyLimits | None = None) -> Transport:
+        transport = cls(await connect_nats(options), limits)
+        transport._liveness.start()
+        return transport
+
+    async def close(self) -> None:
+        await self._liveness.stop()
+        if not self.nats.is_closed:
+            await self.nats.drain()
 
     async def exchange(self, subject: str, body: bytes, timeout: float) -> bytes | bytearray:
         """Send ``body`` to ``subject``; the reply's body, or the error it carries, raised."""
@@ -60,7 +92,9 @@ class Transport:
                 await subscription.unsubscribe()
 
     async def _receive(self, offer: Msg, deadline: float) -> bytearray:
-        receiver = await transfer.Receiver.accept(self.nats, offer, self.reply_limit)
+        receiver = await transfer.Receiver.accept(
+            self.nats, offer, self.limits.max_bytes, budget=self._replies, too_much=PayloadTooLarge
+        )
         left = deadline - asyncio.get_running_loop().time()
         try:
             return await asyncio.wait_for(receiver.wait(), max(left, 0.001))

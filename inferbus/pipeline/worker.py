@@ -23,7 +23,7 @@ from inferbus.pipeline._lifecycle import AsyncResource
 from inferbus.pipeline._metrics import MetricsServer
 from inferbus.pipeline._served import ServedModel, load_served_model
 from inferbus.pipeline._service import MicroService
-from inferbus.pipeline.connection import ConnectOptions, connect_nats
+from inferbus.pipeline.connection import ConnectOptions, Liveness, connect_nats
 from inferbus.repository import ModelConfig
 from inferbus.version import __version__
 
@@ -49,6 +49,7 @@ class Worker(AsyncResource):
         self._client: NatsClient | None = None
         self._service: MicroService | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._liveness: Liveness | None = None
         self._stop_requested = asyncio.Event()
         self._stopping = False
         self._lost_connection = False
@@ -64,6 +65,8 @@ class Worker(AsyncResource):
         for config in self.configs:
             self.models.append(await load_served_model(config))
         client = self._client = await connect_nats(self.options, self._connection_closed)
+        self._liveness = Liveness(client)
+        self._liveness.start()
         self._service = MicroService(
             client,
             name=SERVICE_NAME,
@@ -137,6 +140,8 @@ class Worker(AsyncResource):
     async def stop(self) -> None:
         """Stop taking requests, answer those already received, close."""
         self._stopping = True
+        if self._liveness is not None:
+            await self._liveness.stop()
         client, self._client = self._client, None
         if client is not None and not client.is_closed:
             try:
