@@ -79,7 +79,7 @@ _PLAIN_SUBJECT: Final = re.compile(r"[^\s.*>]+(?:\.[^\s.*>]+)*")
 
 
 def reply_subject_problem(subject: str) -> str | None:
-    """Why a worker must not publish to ``subject``, or None when it may (PROTOCOL.md §15).
+    """Why a worker must not publish to ``subject``, or None when it may (PROTOCOL.md, 14).
 
     Refused: over ``MAX_REPLY_SUBJECT`` bytes, empty tokens, whitespace or wildcards, and the
     platform's own subjects (``inferbus.…`` and ``$…``) — a request must not turn a worker into

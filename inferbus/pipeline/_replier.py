@@ -18,7 +18,7 @@ from nats.aio.client import Client as NatsClient
 
 from inferbus.codecs import InferResponse, encode_response
 from inferbus.contract import Tensors, error_reply
-from inferbus.errors import BadInput, EngineFailure, RequestError
+from inferbus.errors import BadInput, EngineFailure, Overloaded, RequestError
 from inferbus.pipeline._admission import Work
 from inferbus.pipeline._executor import Outcome, internal_error
 from inferbus.pipeline._service import EndpointRecord
@@ -43,6 +43,10 @@ class Replier:
         self._idle = asyncio.Event()
         self._idle.set()
         self._background: set[asyncio.Task[None]] = set()
+        self._overloaded_error = Overloaded(
+            "the worker is behind on this model; retry later", model=config.name
+        )
+        self._overloaded = error_reply(self._overloaded_error)
 
     def expect(self) -> None:
         """One more admitted request that must be answered before the model is idle."""
@@ -94,6 +98,11 @@ class Replier:
         body, headers = error_reply(failure)
         if await self._publish(reply, body, headers):
             self._done(record, received_ns, failure)
+
+    async def shed(self, reply: str, record: EndpointRecord) -> None:
+        """429 for a request not even decoded: the worker is behind (the cheapest answer)."""
+        if await self._publish(reply, *self._overloaded):
+            self._done(record, time.perf_counter_ns(), self._overloaded_error)
 
     def _done(self, record: EndpointRecord, received_ns: int, error: RequestError | None) -> None:
         self.stats.request_done(None if error is None else error.code)

@@ -35,6 +35,10 @@ from inferbus.pipeline.transfer import Receiver, TransferBudget, is_offer
 from inferbus.repository import ModelConfig
 
 log = logging.getLogger("inferbus.worker")
+YIELD_EVERY = 16  # messages handled in a row under a backlog before the loop is yielded
+# nats-py drops (and reports) what a subscription holds beyond this many max_queue_sizes; before
+# that, messages over one max_queue_size are answered 429 at once.
+PENDING_PER_QUEUED = 8
 
 
 @dataclass(slots=True)
@@ -83,6 +87,7 @@ class ServedModel:
         self._replier: Replier | None = None
         self._direct = inline and len(engines) == 1 and not self.config.max_queue_delay_ms
         self._routes: list[_Route] = []
+        self._unyielded = 0
         self._consumers: list[asyncio.Task[None]] = []
         # Two requests of the largest size may arrive in chunks at once, one per sender; more
         # are refused (429).
@@ -153,11 +158,28 @@ class ServedModel:
                 await self._accept_transfer(msg, record)
                 return
             backlog = route.subscription.pending_msgs if route.subscription is not None else 0
-            await self.receive(msg.data, msg.reply, record, backlog)
+            if backlog >= self.config.max_queue_size:  # cannot keep up: 429 now, undecoded
+                await self.replier.shed(msg.reply, record)
+            else:
+                await self.receive(msg.data, msg.reply, record, backlog)
+            if backlog:
+                await self._let_reader_run()
 
         route.subscription = await self.replier.nats.subscribe(
-            record.subject, queue=record.queue_group, cb=on_message
+            record.subject,
+            queue=record.queue_group,
+            cb=on_message,
+            pending_msgs_limit=PENDING_PER_QUEUED * self.config.max_queue_size,
         )
+
+    async def _let_reader_run(self) -> None:
+        """nats-py hands a subscription its queued messages without suspending, so a callback
+        that never waits keeps its read loop off the CPU, and nats-server cuts off a worker
+        that stops reading (a slow consumer). Under a backlog, yield now and then."""
+        self._unyielded += 1
+        if self._unyielded >= YIELD_EVERY:
+            self._unyielded = 0
+            await asyncio.sleep(0)
 
     async def take_out(self, reason: str) -> None:
         """Out of rotation: stop taking requests; answer the queued ones 503 so callers retry

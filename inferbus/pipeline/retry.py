@@ -29,6 +29,7 @@ log = logging.getLogger("inferbus.client")
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """``max_attempts`` in all; waits grow from ``backoff_s`` to ``max_backoff_s``, jittered.
+    A 429 (the worker shed the request at once) is tried again for as long as the budget lasts.
 
     "No responders" is retried only during ``not_found_grace_s`` (a worker restarting), so a
     model nobody serves still fails fast.
@@ -60,13 +61,15 @@ class RetryPolicy:
         return min(remaining, max(remaining / 2, 4 * typical + 0.05))
 
     def should_retry(self, error: RequestError, attempt: int, elapsed: float) -> bool:
+        if isinstance(error, Overloaded):
+            return True  # a busy worker answered at once: try again while the budget lasts
         if attempt >= self.max_attempts:
             return False
         if isinstance(error, ModelNotFound):
             return elapsed < self.not_found_grace_s
         if isinstance(error, DeadlineExceeded):
             return error.silent  # no reply at all; a worker's own 504 means the budget is gone
-        return isinstance(error, Overloaded | Unavailable)
+        return isinstance(error, Unavailable)
 
     async def run(
         self,
