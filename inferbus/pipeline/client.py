@@ -174,7 +174,7 @@ class Client(AsyncResource):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded("the time budget ran out waiting for a request slot")
-            budget = self.retry.attempt_timeout(remaining, attempt, self._typical.get(call.model))
+            budget = self.retry.attempt_timeout(remaining, self._typical.get(call.model))
             request = InferRequest(
                 request_id, named, call.outputs, int(budget * 1e6), call.reply_codec
             )

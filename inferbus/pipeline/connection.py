@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
@@ -63,10 +64,28 @@ class ConnectOptions:
         return context
 
 
-async def _log_error(exc: Exception) -> None:
+class _DropLog:
+    """nats-py reports every message it drops (its subscription's pending limit) separately,
+    from its read loop: a line each would slow that loop down exactly when it is behind."""
+
+    def __init__(self, every_s: float = 5.0) -> None:
+        self.every_s = every_s
+        self.dropped = 0
+        self.logged_at = 0.0
+
+    def count(self, exc: Exception) -> None:
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self.logged_at >= self.every_s:
+            log.warning("NATS: %d messages dropped by a slow subscription (last: %s)",
+                        self.dropped, exc)  # fmt: skip
+            self.dropped, self.logged_at = 0, now
+
+
+async def _log_error(exc: Exception, drops: _DropLog) -> None:
     # Slow-consumer drops and server errors matter; refused connects during start-up do not.
     if isinstance(exc, nats_error_types.SlowConsumerError):
-        log.warning("NATS: %s: requests were dropped", exc)
+        drops.count(exc)
     else:
         log.debug("NATS: %s", exc)
 
@@ -86,14 +105,16 @@ async def connect_nats(
 
     ``on_closed`` runs if the connection closes for good (e.g. the server refused it)."""
     client = NatsClient()
-    errors: list[Exception] = []
+    errors: list[Exception] = []  # while connecting only: the last one explains a failure
     hopeless = asyncio.Event()  # a certificate that does not verify will not verify next time
+    drops = _DropLog()
 
     async def remember(exc: Exception) -> None:
-        errors.append(exc)
+        if not client.is_connected:
+            errors[:] = [exc]
         if isinstance(exc, ssl.SSLCertVerificationError):
             hopeless.set()
-        await _log_error(exc)
+        await _log_error(exc, drops)
 
     attempt = client.connect(
         servers=options.servers,
