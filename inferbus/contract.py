@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Final, NoReturn
 
 import numpy as np
+import orjson
 
 from inferbus.codecs import BYTES, DATATYPES, Tensors, datatype_of, numpy_dtype
 from inferbus.codecs import decode_error as _decode_error_text
@@ -30,6 +31,7 @@ __all__ = [
     "TensorSpec",
     "Tensors",
     "check_model_name",
+    "endpoint_metadata",
     "endpoint_name",
     "error_from_reply",
     "error_reply",
@@ -97,6 +99,28 @@ def service_subject(verb: str, service_id: str | None = None) -> str:
     """``$SRV.<VERB>.inferbus`` (every worker answers) or one worker's ``...<id>``."""
     subject = f"$SRV.{verb.upper()}.{SERVICE_NAME}"
     return subject if service_id is None else f"{subject}.{service_id}"
+
+
+def endpoint_metadata(
+    model: str,
+    version: int,
+    signature: Signature,
+    *,
+    engine: str,
+    device: str,
+    max_batch_size: int,
+    instances: int,
+) -> dict[str, str]:
+    """An endpoint's ADR-32 metadata: strings only, so the signature travels as JSON text."""
+    return {
+        "model": model,
+        "version": str(version),
+        "engine": engine,
+        "device": device,
+        "max_batch_size": str(max_batch_size),
+        "instances": str(instances),
+        "signature": orjson.dumps(signature.to_dict()).decode(),
+    }
 
 
 # --- error replies (PROTOCOL.md section 8) ------------------------------------------------------

@@ -10,10 +10,9 @@ import orjson
 import pytest
 
 import inferbus
+from inferbus import cli
 from inferbus.bench import BenchConfig, inputs_from_file, inputs_from_signature, report, run_bench
 from inferbus.contract import Signature, TensorSpec
-from tests.conftest import TEST_MODELS
-from tests.test_examples_and_cli import run_cli, worker_process
 
 SHORT = {"window_s": 0.2, "warmup_s": 0.1, "max_windows": 4, "stability": 0.9}
 
@@ -75,18 +74,18 @@ def test_inputs_from_signature_and_file(tmp_path: Path) -> None:
         inputs_from_file(tmp_path / "in.npz", signature)
 
 
+@pytest.mark.usefixtures("worker")
 def test_bench_command_writes_json_and_csv(
-    nats_server: inferbus.EmbeddedServer, tmp_path: Path
+    nats_server: inferbus.EmbeddedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with worker_process(nats_server.url, TEST_MODELS):
-        result = run_cli(
-            "bench", "add", "--servers", nats_server.url, "--concurrency", "1,2",
-            "--window", "0.2", "--warmup", "0.1", "--max-windows", "3", "--stability", "90",
-            "--batch-size", "3",
-            "--json", str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv"),
-        )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "samples/s" in result.stdout
+    code = cli.main([
+        "bench", "add", "--servers", nats_server.url, "--concurrency", "1,2",
+        "--window", "0.2", "--warmup", "0.1", "--max-windows", "3", "--stability", "90",
+        "--batch-size", "3",
+        "--json", str(tmp_path / "b.json"), "--csv", str(tmp_path / "b.csv"),
+    ])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert "samples/s" in capsys.readouterr().out
     document = orjson.loads((tmp_path / "b.json").read_bytes())
     assert document["model"] == "add"
     assert [r["level"] for r in document["results"]] == [1, 2]

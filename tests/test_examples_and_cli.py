@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import importlib.util
 import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -18,7 +15,8 @@ import orjson
 import pytest
 
 import inferbus
-from tests.conftest import EXAMPLE_MODELS, ROOT, TEST_MODELS
+from inferbus import cli
+from tests.conftest import EXAMPLE_MODELS, ROOT
 
 
 def load_example_app() -> ModuleType:
@@ -43,39 +41,14 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
-@contextlib.contextmanager
-def worker_process(url: str, repo: Path) -> Iterator[None]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "inferbus", "worker", str(repo), "--servers", url], cwd=ROOT
-    )
-    try:
-        asyncio.run(_wait_for_models(url))
-        yield
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-
-
-async def _wait_for_models(url: str) -> None:
-    async with inferbus.connect(url) as client:
-        for _ in range(200):
-            if await client.models(timeout=0.1):
-                return
-    raise AssertionError("worker never announced its models")
-
-
 @pytest.mark.usefixtures("worker")
 async def test_digits_app_matches_in_process_accuracy(
     nats_server: inferbus.EmbeddedServer,
 ) -> None:
     app = load_example_app()
-    configs = inferbus.load_repository(EXAMPLE_MODELS)
-    from tests.conftest import worker_options
-
-    async with inferbus.Worker(configs, worker_options(nats_server)):
-        report = await app.classify(
-            nats_server.url, EXAMPLE_MODELS, ROOT / "examples/data/digits_heldout.npz"
-        )
+    report = await app.classify(
+        nats_server.url, EXAMPLE_MODELS, ROOT / "examples/data/digits_heldout.npz"
+    )
     assert report.accuracy >= 0.95
     assert report.accuracy == report.local_accuracy
     np.testing.assert_array_equal(report.predictions, report.local_predictions)
@@ -86,61 +59,77 @@ def python_blocks(markdown: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", markdown, flags=re.DOTALL)
 
 
-def test_readme_python_blocks_run(nats_server: inferbus.EmbeddedServer) -> None:
-    blocks = python_blocks((ROOT / "README.md").read_text())
-    assert len(blocks) >= 2
-    with worker_process(nats_server.url, EXAMPLE_MODELS):
-        for block in blocks:
-            result = subprocess.run(
-                [sys.executable, "-c", block],
-                cwd=ROOT,
-                env={**os.environ, "INFERBUS_SERVERS": nats_server.url},
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
-            assert result.returncode == 0, f"{block}\n{result.stderr}"
+def shown_output(block: str) -> list[str]:
+    """The output the README shows for a block: the comment after each ``print(...)``."""
+    return re.findall(r"^\s*print\(.*\)\s+#\s*(.+?)\s*$", block, flags=re.MULTILINE)
+
+
+README_BLOCKS = python_blocks((ROOT / "README.md").read_text())
+
+
+def test_readme_has_python_blocks_that_show_their_output() -> None:
+    assert len(README_BLOCKS) >= 2
+    assert any(shown_output(block) for block in README_BLOCKS)
+
+
+@pytest.mark.usefixtures("worker")
+@pytest.mark.parametrize("index", range(len(README_BLOCKS)), ids=lambda i: f"block{i + 1}")
+def test_readme_python_block_runs_and_prints_what_it_shows(
+    index: int,
+    nats_server: inferbus.EmbeddedServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each block, run as the script it is (here, in this process, against the shared
+    worker, which serves examples/models), prints the lines its comments show, in order."""
+    block = README_BLOCKS[index]
+    monkeypatch.setenv("INFERBUS_SERVERS", nats_server.url)
+    exec(compile(block, f"README.md python block {index + 1}", "exec"), {"__name__": "__main__"})
+    printed = capsys.readouterr().out.splitlines()
+    lines = iter(printed)
+    for expected in shown_output(block):
+        assert expected in lines, (
+            f"block {index + 1} printed {printed}; the README shows {expected!r}"
+        )
 
 
 @pytest.mark.parametrize(
     "command",
     ["", "server", "worker", "up", "models", "status", "infer", "bench", "build", "demo"],
 )
-def test_every_command_explains_itself(command: str) -> None:
-    result = run_cli(*([command] if command else []), "--help")
-    assert result.returncode == 0
-    assert "usage: inferbus" in result.stdout
+def test_every_command_explains_itself(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*([command] if command else []), "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: inferbus" in out
     if command in ("worker", "models", "infer"):
-        assert "--servers" in result.stdout
-        assert "--creds" in result.stdout
+        assert "--servers" in out
+        assert "--creds" in out
 
 
-def test_models_and_infer_commands(nats_server: inferbus.EmbeddedServer, tmp_path: Path) -> None:
-    env = {"INFERBUS_SERVERS": nats_server.url}
-    with worker_process(nats_server.url, TEST_MODELS):
-        listed = run_cli("models", "--json", env=env)
-        assert listed.returncode == 0, listed.stderr
-        names = {(m["name"], m["version"]) for m in orjson.loads(listed.stdout)}
-        assert ("add", 2) in names
-        np.save(tmp_path / "x.npy", np.full((1, 4), 5, dtype=np.float32))
-        called = run_cli(
-            "infer", "add", "--version", "1", "--input", f"x={tmp_path / 'x.npy'}", env=env
-        )
-        assert called.returncode == 0, called.stderr
-        assert "[[6. 6. 6. 6.]]" in called.stdout
-        missing = run_cli("infer", "nope", "--input", f"x={tmp_path / 'x.npy'}", env=env)
-        assert missing.returncode == 1
-        assert "no worker serves inferbus.infer.nope" in missing.stderr
+@pytest.mark.usefixtures("worker")
+def test_models_and_infer_commands(
+    nats_server: inferbus.EmbeddedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The commands' main() in this process (``python -m inferbus`` runs in the demo test)."""
+    servers = ["--servers", nats_server.url]
+    assert cli.main(["models", "--json", *servers]) == 0
+    names = {(m["name"], m["version"]) for m in orjson.loads(capsys.readouterr().out)}
+    assert ("add", 2) in names
+    np.save(tmp_path / "x.npy", np.full((1, 4), 5, dtype=np.float32))
+    x = f"x={tmp_path / 'x.npy'}"
+    assert cli.main(["infer", "add", "--version", "1", "--input", x, *servers]) == 0
+    assert "[[6. 6. 6. 6.]]" in capsys.readouterr().out
+    assert cli.main(["infer", "nope", "--input", x, *servers]) == 1
+    assert "no worker serves inferbus.infer.nope" in capsys.readouterr().err
 
 
-def test_commands_fail_clearly_without_a_server() -> None:
-    result = run_cli("models", "--servers", "nats://127.0.0.1:1")
-    assert result.returncode == 1
-    assert "cannot reach NATS at nats://127.0.0.1:1" in result.stderr
-    bad_repo = run_cli("worker", "no/such/repo", "--servers", "nats://127.0.0.1:1")
-    assert bad_repo.returncode == 1
-    assert "is not a folder" in bad_repo.stderr
+def test_commands_fail_clearly_without_a_server(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["models", "--servers", "nats://127.0.0.1:1"]) == 1
+    assert "cannot reach NATS at nats://127.0.0.1:1" in capsys.readouterr().err
+    assert cli.main(["worker", "no/such/repo", "--servers", "nats://127.0.0.1:1"]) == 1
+    assert "is not a folder" in capsys.readouterr().err
 
 
 def test_demo_runs_end_to_end() -> None:
@@ -151,16 +140,19 @@ def test_demo_runs_end_to_end() -> None:
     assert "worker stopped (exit 0)" in result.stdout
 
 
-def test_gpu_check_runs_and_reports_what_it_cannot_run() -> None:
-    """On this CPU machine: the CPU engines agree with the reference; GPU rows say why not."""
-    result = subprocess.run(
-        [sys.executable, "scripts/gpu_check.py", "--seconds", "0.05"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    rows = {line.split()[0] + " " + line.split()[1]: line for line in result.stdout.splitlines()[2:]
+def test_gpu_check_runs_and_reports_what_it_cannot_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On this CPU machine: the CPU engines agree with the reference; GPU rows say why not.
+    (Its main() in this process: torch is imported once for the whole session.)"""
+    from scripts import gpu_check
+
+    monkeypatch.setattr(sys, "argv", ["scripts/gpu_check.py", "--seconds", "0.05"])
+    assert gpu_check.main() == 0
+    stdout = capsys.readouterr().out
+    rows = {line.split()[0] + " " + line.split()[1]: line for line in stdout.splitlines()[2:]
             if len(line.split()) > 2}  # fmt: skip
     assert float(rows["onnxruntime cpu"].split()[2]) == 0.0
     assert float(rows["torch cpu"].split()[2]) < 1e-4
-    assert "tensorrt" in result.stdout
-    assert "cuda buffers:" in result.stdout
+    assert "tensorrt" in stdout
+    assert "cuda buffers:" in stdout

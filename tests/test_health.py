@@ -5,19 +5,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import time
+import threading
 
 import numpy as np
 
 import inferbus
 from inferbus.engines import OnnxRuntimeEngine, Tensors
-from tests.conftest import TEST_MODELS, worker_options
+from tests.conftest import TEST_MODELS, eventually, worker_options
 
 _instances = itertools.count()
+_release = threading.Event()
 
 
 class FirstOneHangs(OnnxRuntimeEngine):
-    """The first instance made (in this process) takes 1.5 s per call: a hung GPU, say."""
+    """The first instance made (in this process) hangs in every call until the test releases
+    it: a hung GPU, say."""
 
     def load(self) -> None:
         super().load()
@@ -25,7 +27,7 @@ class FirstOneHangs(OnnxRuntimeEngine):
 
     def infer(self, batch: Tensors) -> Tensors:
         if self.hangs and batch["x"].sum() != 0:  # warm-up (zeros) passes, requests hang
-            time.sleep(1.5)
+            _release.wait(30)
         return super().infer(batch)
 
 
@@ -40,27 +42,34 @@ def hang_config() -> inferbus.ModelConfig:
     )
 
 
+def successes(worker: inferbus.Worker) -> int:
+    return int(worker.models[0].stats_data()["success_count"])
+
+
 async def test_a_hung_engine_leaves_the_rotation(
     nats_server: inferbus.EmbeddedServer, client: inferbus.Client
 ) -> None:
     global _instances
     _instances = itertools.count()
+    _release.clear()
     stuck = inferbus.Worker([hang_config()], worker_options(nats_server))
     healthy = inferbus.Worker([hang_config()], worker_options(nats_server))
+    x = {"x": np.ones((1, 4), dtype=np.float32)}
     async with stuck, healthy:
-        x = {"x": np.ones((1, 4), dtype=np.float32)}
-        started = time.monotonic()
-        results = await asyncio.gather(*(client.infer("hang", x, timeout=4) for _ in range(20)))
-        elapsed = time.monotonic() - started
-        assert all(np.array_equal(r["y"], np.full((1, 4), 2.0)) for r in results)
-        assert elapsed < 4
-        assert not stuck.ready
-        assert stuck.models[0].stats_data()["health"].startswith("unhealthy: engine call")
-        assert healthy.ready
-        # Once the hung call returns, the worker takes requests again.
-        for _ in range(50):
-            await asyncio.sleep(0.1)
-            if stuck.ready:
-                break
-        assert stuck.ready
+        try:
+            calls = [asyncio.create_task(client.infer("hang", x, timeout=20)) for _ in range(20)]
+            # The stuck engine leaves the rotation while it hangs...
+            await eventually(lambda: not stuck.ready, "the hung worker left the rotation")
+            assert stuck.models[0].stats_data()["health"].startswith("unhealthy: engine call")
+            assert healthy.ready
+            # ...so requests sent now are answered while it still hangs: by the healthy one.
+            served_before = successes(healthy)
+            more = await asyncio.gather(*(client.infer("hang", x, timeout=20) for _ in range(10)))
+            assert successes(healthy) - served_before >= 10
+        finally:
+            _release.set()  # the hung call returns
+        results = await asyncio.gather(*calls)
+        assert all(np.array_equal(r["y"], np.full((1, 4), 2.0)) for r in [*results, *more])
+        # Once the hung call has returned, the worker takes requests again.
+        await eventually(lambda: stuck.ready, "the worker came back")
         assert stuck.models[0].stats_data()["health"] == "ready"

@@ -4,31 +4,45 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 
 import numpy as np
 import pytest
 
 import inferbus
-from inferbus.errors import DeadlineExceeded, EngineFailure, ModelNotFound, Overloaded
-from tests.conftest import add_under_load, wait_for_workers
+from inferbus.errors import (
+    DeadlineExceeded,
+    EngineFailure,
+    ModelNotFound,
+    Overloaded,
+    Unavailable,
+)
+from tests.conftest import (
+    RecordingPolicy,
+    add_under_load,
+    requests_by_pid,
+    wait_for_workers,
+)
 from tests.test_worker_lifecycle import start_worker_process
 
 
 def test_policy_decides_what_to_retry() -> None:
     policy = inferbus.RetryPolicy(max_attempts=3, not_found_grace_s=0.25)
     assert policy.should_retry(Overloaded("full"), 1, 0.0)
+    assert policy.should_retry(Overloaded("full"), 3, 0.0)  # 429: while the budget lasts
     assert policy.should_retry(DeadlineExceeded("no reply", silent=True), 2, 0.0)
+    assert policy.should_retry(DeadlineExceeded("no reply", silent=True), 3, 0.0)  # likewise
     assert not policy.should_retry(DeadlineExceeded("the worker's own 504"), 1, 0.0)
-    assert not policy.should_retry(Overloaded("full"), 3, 0.0)  # attempts used up
+    assert policy.should_retry(Unavailable("draining"), 2, 0.0)
+    assert not policy.should_retry(Unavailable("draining"), 3, 0.0)  # attempts used up
     assert policy.should_retry(ModelNotFound("restarting?"), 1, 0.1)
     assert not policy.should_retry(ModelNotFound("nobody"), 1, 0.3)  # past the grace
+    assert not policy.should_retry(ModelNotFound("restarting?"), 3, 0.1)  # attempts used up
     assert not policy.should_retry(EngineFailure("bug"), 1, 0.0)  # not transient
     assert all(0 <= policy.delay(n) <= policy.max_backoff_s for n in range(1, 20))
-    assert policy.attempt_timeout(4.0, 1, 0.01) == 2.0
-    assert policy.attempt_timeout(4.0, 1, 0.9) == pytest.approx(3.65)  # a slow model
-    assert policy.attempt_timeout(4.0, 1, None) == 4.0  # no history yet: the whole budget
-    assert policy.attempt_timeout(4.0, 3, 0.01) == 4.0  # the last attempt
+    assert policy.attempt_timeout(4.0, None) == 4.0  # no history yet: the whole budget
+    assert policy.attempt_timeout(4.0, 0.01) == 1.0  # a fast model: min_attempt_s
+    assert policy.attempt_timeout(4.0, 0.5) == pytest.approx(2.05)  # a slow one: 4x its time
+    assert policy.attempt_timeout(1.5, 0.9) == 1.5  # never past the budget
 
 
 async def test_a_full_queue_is_retried_and_the_attempts_counted(
@@ -47,11 +61,12 @@ async def test_a_full_queue_is_retried_and_the_attempts_counted(
 
 
 @pytest.mark.usefixtures("worker")
-async def test_unknown_models_still_fail_fast(client: inferbus.Client) -> None:
-    started = time.monotonic()
-    with pytest.raises(ModelNotFound):
-        await client.infer("nope", {"x": np.zeros(1)}, timeout=10)
-    assert time.monotonic() - started < 1.0
+async def test_unknown_models_still_fail_fast(nats_server: inferbus.EmbeddedServer) -> None:
+    policy = RecordingPolicy()
+    async with inferbus.connect(nats_server.url, retry=policy) as client:
+        with pytest.raises(ModelNotFound):
+            await client.infer("nope", {"x": np.zeros(1)}, timeout=10)
+    policy.assert_gave_up(ModelNotFound)
 
 
 async def test_a_worker_killed_under_load_loses_no_request(
@@ -62,16 +77,29 @@ async def test_a_worker_killed_under_load_loses_no_request(
     second = start_worker_process(nats_server.url, "add")
     try:
         await wait_for_workers(client, "add", 2)
-        kill = lambda: first.send_signal(signal.SIGKILL)  # noqa: E731
-        results = await add_under_load(client, kill, tasks=8, calls=60, timeout=3, pause=0.005)
+        before: dict[int, int] = {}
+
+        async def kill() -> None:
+            before.update(await requests_by_pid(client, "add_v1", 2))
+            first.send_signal(signal.SIGKILL)
+
+        load = await add_under_load(client, kill, tasks=8, calls=60, timeout=3)
+        killed = await asyncio.to_thread(first.wait, 20)
+        after = await requests_by_pid(client, "add_v1", 1)
     finally:
         for process in (first, second):
             process.kill()
             process.communicate()
-    assert len(results) == 480
-    assert all(np.array_equal(r["y"], np.full((1, 4), 2.0)) for r in results)
-    retried = sum(r.attempts > 1 for r in results)
-    print(f"{retried} of 480 requests were retried after the SIGKILL")
+    assert len(load.results) == 480
+    assert all(np.array_equal(r["y"], np.full((1, 4), 2.0)) for r in load.results)
+    # Both served before the kill; the killed one died of it (and so served nothing after).
+    assert before[first.pid] > 0
+    assert before[second.pid] > 0
+    assert killed == -signal.SIGKILL
+    # Every request sent after the kill was answered, and only the survivor was left to.
+    assert load.sent_after > 0
+    assert set(after) == {second.pid}
+    assert after[second.pid] - before[second.pid] >= load.sent_after
 
 
 async def test_a_slow_model_is_not_cut_short(
@@ -92,12 +120,26 @@ async def test_sigterm_under_load_fails_nothing(
     second = start_worker_process(nats_server.url, "add")
     try:
         await wait_for_workers(client, "add", 2)
-        term = lambda: first.send_signal(signal.SIGTERM)  # noqa: E731
-        results = await add_under_load(client, term, tasks=8, calls=60, timeout=3, pause=0.005)
-        done = len(results)
-        assert await asyncio.to_thread(first.wait, 20) == 0
+        before: dict[int, int] = {}
+
+        async def term() -> None:
+            before.update(await requests_by_pid(client, "add_v1", 2))
+            first.send_signal(signal.SIGTERM)
+
+        load = await add_under_load(client, term, tasks=8, calls=60, timeout=3)
+        drained = await asyncio.to_thread(first.wait, 20)
+        after = await requests_by_pid(client, "add_v1", 1)
     finally:
         for process in (first, second):
             process.kill()
             process.communicate()
-    assert done == 480
+    assert len(load.results) == 480
+    assert all(np.array_equal(r["y"], np.full((1, 4), 2.0)) for r in load.results)
+    # Both served before the SIGTERM; the drained one then exited cleanly...
+    assert before[first.pid] > 0
+    assert before[second.pid] > 0
+    assert drained == 0
+    # ...and the survivor took the requests that kept coming.
+    assert load.sent_after > 0
+    assert set(after) == {second.pid}
+    assert after[second.pid] > before[second.pid]

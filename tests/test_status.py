@@ -20,11 +20,16 @@ async def run_cli(*args: str) -> tuple[int, str, str]:
         sys.executable, "-m", "inferbus", *args, cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), 60)
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:  # it hung: leave no process behind
+            process.kill()
+            await process.wait()
     return process.returncode or 0, out.decode(), err.decode()
 
 
-@pytest.mark.usefixtures("worker")
+@pytest.mark.usefixtures("own_worker")
 async def test_status_once_json_after_traffic(
     nats_server: inferbus.EmbeddedServer, client: inferbus.Client
 ) -> None:

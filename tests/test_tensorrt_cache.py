@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import time
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import pytest
@@ -57,21 +58,25 @@ def _note(log: str, event: str) -> None:
         handle.write(f"{time.monotonic():.3f} {event}\n")
 
 
-def _hold_lock(plan: str, log: str) -> None:
+def _hold_lock(plan: str, log: str, both_started: Barrier) -> None:
+    both_started.wait(30)  # both go for the lock at once, whichever process started first
     with build_lock(Path(plan)):
         _note(log, "in")
-        time.sleep(0.3)
+        time.sleep(0.3)  # meanwhile the other one is at the lock: it must wait
         _note(log, "out")
 
 
 def test_builders_in_two_processes_take_turns(tmp_path: Path) -> None:
     plan, log = tmp_path / "m.plan", tmp_path / "log.txt"
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=_hold_lock, args=(str(plan), str(log))) for _ in range(2)]
+    both_started = context.Barrier(2)
+    args = (str(plan), str(log), both_started)
+    workers = [context.Process(target=_hold_lock, args=args) for _ in range(2)]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join(30)
+    assert [worker.exitcode for worker in workers] == [0, 0]
     events = [line.split()[1] for line in log.read_text().splitlines()]
     assert events == ["in", "out", "in", "out"]  # never two inside at once
 

@@ -18,7 +18,7 @@ from inferbus.pipeline.discovery import gather
 from tests.conftest import ROOT, TEST_MODELS
 
 
-@pytest.mark.usefixtures("worker")
+@pytest.mark.usefixtures("own_worker")
 async def test_srv_ping_info_stats_carry_model_metadata(
     raw_nats: NatsClient, client: inferbus.Client
 ) -> None:
@@ -89,17 +89,21 @@ async def test_sigterm_drains_requests_in_flight(
     try:
         await wait_until_served(client, "slow")
         x = np.arange(4, dtype=np.float32).reshape(1, 4)
-        # slow sleeps 0.2 s per request on one instance: these queue up behind each other.
-        calls = [asyncio.create_task(client.infer("slow", {"x": x + i})) for i in range(8)]
-        await asyncio.sleep(0.3)
+        # slow takes 0.2 s a batch of at most 8 on one instance: 16 requests take 2 batches
+        # at least, so when the first answer comes the rest are still queued or computing.
+        calls = [asyncio.create_task(client.infer("slow", {"x": x + i})) for i in range(16)]
+        await asyncio.wait(calls, return_when=asyncio.FIRST_COMPLETED)
         process.send_signal(signal.SIGTERM)
+        in_flight = sum(not call.done() for call in calls)
         results = await asyncio.gather(*calls)
         exit_code = await asyncio.to_thread(process.wait, 20)
     finally:
         process.kill()
         output = process.communicate()[0].decode()
+    assert in_flight > 0, "nothing was left to drain"
     for i, result in enumerate(results):
         np.testing.assert_array_equal(result["y"], x + i)
+        assert result.attempts == 1  # answered by the draining worker, not retried
     assert exit_code == 0, output
     assert "draining" in output
     with pytest.raises(inferbus.ModelNotFound):

@@ -15,12 +15,17 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from inferbus.contract import endpoint_name, infer_subject, queue_group, reply_subject_problem
+from inferbus.contract import (
+    endpoint_metadata,
+    endpoint_name,
+    infer_subject,
+    queue_group,
+    reply_subject_problem,
+)
 from inferbus.engines import Engine, create_engine
 from inferbus.errors import RequestError, Unavailable
 from inferbus.pipeline._admission import Admission, Work
@@ -57,11 +62,8 @@ async def load_served_model(config: ModelConfig) -> ServedModel:
     if config.execution == "auto" and config.instances == 1:
         inline = await run_in_thread(None, runs_inline, engines[0])
     where = "on the event loop" if inline else f"on {config.instances} thread(s)"
-    engine = engines[0]
-    log.info(
-        "%s v%d loaded: %s on %s, runs %s",
-        config.name, config.version, engine.backend, engine.device, where,
-    )  # fmt: skip
+    log.info("%s v%d loaded: %s on %s, runs %s", config.name, config.version,
+             engines[0].backend, engines[0].device, where)  # fmt: skip
     return ServedModel(engines, inline=inline)
 
 
@@ -72,17 +74,11 @@ class ServedModel:
         self.config = engines[0].config
         self.signature = engines[0].signature
         self.engine_info = (engines[0].backend or type(engines[0]).__name__, engines[0].device)
+        self.instances = len(engines)
         self.stats = ModelStats()
-        self.health = Health(
-            hang_after_s=self.config.hang_after_s, max_failures=self.config.max_failures
-        )
+        self.health = Health(self.config.hang_after_s, self.config.max_failures)
         self.admission = Admission(self.config, self.signature)
-        self.queue: BatchQueue[Work] = BatchQueue(
-            max_batch_size=self.config.max_batch_size,
-            max_queue_delay_s=self.config.max_queue_delay_ms / 1e3,
-            max_queue_size=self.config.max_queue_size,
-            preferred_batch_sizes=self.config.preferred_batch_sizes,
-        )
+        self.queue: BatchQueue[Work] = BatchQueue.for_config(self.config)
         self.executor = Executor(engines, inline=inline, stats=self.stats, health=self.health)
         self._replier: Replier | None = None
         self._direct = inline and len(engines) == 1 and not self.config.max_queue_delay_ms
@@ -104,16 +100,10 @@ class ServedModel:
         return bool(self._routes) and all(r.subscription is not None for r in self._routes)
 
     def metadata(self) -> dict[str, str]:
-        """Endpoint metadata: ADR-32 allows only strings, so the signature is JSON text."""
-        return {
-            "model": self.config.name,
-            "version": str(self.config.version),
-            "engine": self.engine_info[0],
-            "device": self.engine_info[1],
-            "max_batch_size": str(self.config.max_batch_size),
-            "instances": str(len(self.executor.engines)),
-            "signature": orjson.dumps(self.signature.to_dict()).decode(),
-        }
+        engine, device = self.engine_info
+        return endpoint_metadata(self.config.name, self.config.version, self.signature,
+                                 engine=engine, device=device, instances=self.instances,
+                                 max_batch_size=self.config.max_batch_size)  # fmt: skip
 
     def stats_data(self) -> dict[str, Any]:
         data = self.stats.snapshot(pending=len(self.queue))
@@ -162,8 +152,10 @@ class ServedModel:
                 await self.replier.shed(msg.reply, record)
             else:
                 await self.receive(msg.data, msg.reply, record, backlog)
-            if backlog:
-                await self._let_reader_run()
+            if backlog:  # nats-py hands queued messages over without suspending: let its
+                self._unyielded += 1  # read loop run now and then, or nats-server cuts us off
+                if self._unyielded % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)
 
         route.subscription = await self.replier.nats.subscribe(
             record.subject,
@@ -171,15 +163,6 @@ class ServedModel:
             cb=on_message,
             pending_msgs_limit=PENDING_PER_QUEUED * self.config.max_queue_size,
         )
-
-    async def _let_reader_run(self) -> None:
-        """nats-py hands a subscription its queued messages without suspending, so a callback
-        that never waits keeps its read loop off the CPU, and nats-server cuts off a worker
-        that stops reading (a slow consumer). Under a backlog, yield now and then."""
-        self._unyielded += 1
-        if self._unyielded >= YIELD_EVERY:
-            self._unyielded = 0
-            await asyncio.sleep(0)
 
     async def take_out(self, reason: str) -> None:
         """Out of rotation: stop taking requests; answer the queued ones 503 so callers retry

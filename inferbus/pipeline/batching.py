@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from inferbus.errors import Overloaded
+from inferbus.repository import ModelConfig
 
 T = TypeVar("T")
 
@@ -47,6 +48,16 @@ class BatchQueue(Generic[T]):
         self._pending: deque[Pending[T]] = deque()
         self._arrived = asyncio.Event()
         self._collecting = asyncio.Lock()  # one instance gathers a batch at a time
+
+    @classmethod
+    def for_config(cls, config: ModelConfig) -> BatchQueue[T]:
+        """A model version's queue, with the limits its config sets."""
+        return cls(
+            max_batch_size=config.max_batch_size,
+            max_queue_delay_s=config.max_queue_delay_ms / 1e3,
+            max_queue_size=config.max_queue_size,
+            preferred_batch_sizes=config.preferred_batch_sizes,
+        )
 
     def __len__(self) -> int:
         return len(self._pending)

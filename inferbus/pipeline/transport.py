@@ -51,7 +51,7 @@ class Transport:
     @classmethod
     async def open(cls, options: ConnectOptions, limits: ReplyLimits | None = None) -> Transport:
         transport = cls(await connect_nats(options), limits)
-        transport._liveness.start()
+        await transport._liveness.start()
         return transport
 
     async def close(self) -> None:

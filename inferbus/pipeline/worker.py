@@ -66,7 +66,7 @@ class Worker(AsyncResource):
             self.models.append(await load_served_model(config))
         client = self._client = await connect_nats(self.options, self._connection_closed)
         self._liveness = Liveness(client)
-        self._liveness.start()
+        await self._liveness.start()
         self._service = MicroService(
             client,
             name=SERVICE_NAME,
