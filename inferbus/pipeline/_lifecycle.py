@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from types import TracebackType
-from typing import Self
+from typing import Any, Final, Self
+
+CANCEL_RETRY_S: Final = 0.05
 
 
 class AsyncResource(ABC):
@@ -31,3 +35,17 @@ class AsyncResource(ABC):
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+async def cancel_and_wait(tasks: Collection[asyncio.Task[Any]]) -> None:
+    """Cancel ``tasks`` and wait until every one has ended.
+
+    Cancelled again until it ends: on Python 3.11, ``asyncio.wait_for`` can swallow a
+    cancellation that arrives just as what it waits for completes, and a loop around it would
+    then run on for ever.
+    """
+    pending = set(tasks)
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=CANCEL_RETRY_S)

@@ -31,6 +31,7 @@ from inferbus.errors import RequestError, Unavailable
 from inferbus.pipeline._admission import Admission, Work
 from inferbus.pipeline._executor import Executor, load_engines, runs_inline
 from inferbus.pipeline._health import Health
+from inferbus.pipeline._lifecycle import cancel_and_wait
 from inferbus.pipeline._replier import Replier
 from inferbus.pipeline._service import EndpointRecord, MicroService
 from inferbus.pipeline._stats import ModelStats
@@ -219,9 +220,7 @@ class ServedModel:
 
     async def close(self) -> None:
         """Stop the consumers and release the engines (after ``drain``)."""
-        for consumer in self._consumers:
-            consumer.cancel()
-        await asyncio.gather(*self._consumers, return_exceptions=True)
+        await cancel_and_wait(self._consumers)
         left = self.queue.take_all()  # empty after a drain; not empty only if start failed
         if left:
             log.warning("%s: %d queued requests dropped at close", self.config.name, len(left))

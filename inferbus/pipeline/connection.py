@@ -16,6 +16,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from inferbus.errors import ConnectionFailed, Unavailable
+from inferbus.pipeline._lifecycle import cancel_and_wait
 from inferbus.pipeline.nats_errors import nats_errors
 
 SERVERS_ENV: Final = "INFERBUS_SERVERS"
@@ -180,8 +181,7 @@ class Liveness:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await cancel_and_wait([task])
 
     async def _echo(self, msg: Msg) -> None:
         self._heard.set()

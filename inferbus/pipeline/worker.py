@@ -19,7 +19,7 @@ from nats.aio.client import Client as NatsClient
 
 from inferbus.contract import SERVICE_NAME, endpoint_name
 from inferbus.errors import ConfigError, ConnectionFailed
-from inferbus.pipeline._lifecycle import AsyncResource
+from inferbus.pipeline._lifecycle import AsyncResource, cancel_and_wait
 from inferbus.pipeline._metrics import MetricsServer
 from inferbus.pipeline._served import ServedModel, load_served_model
 from inferbus.pipeline._service import MicroService
@@ -159,8 +159,7 @@ class Worker(AsyncResource):
 
     async def _drain(self, client: NatsClient) -> None:
         if self._watchdog is not None:
-            self._watchdog.cancel()
-            await asyncio.gather(self._watchdog, return_exceptions=True)
+            await cancel_and_wait([self._watchdog])
         async with asyncio.TaskGroup() as group:  # every model drains at once
             for model in self.models:
                 group.create_task(model.drain())
