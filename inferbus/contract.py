@@ -7,9 +7,9 @@ The application end imports only this, the codecs and the errors — never engin
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NamedTuple, NoReturn, Protocol
 
 import numpy as np
 import orjson
@@ -86,7 +86,8 @@ def reply_subject_problem(subject: str) -> str | None:
     Refused: over ``MAX_REPLY_SUBJECT`` bytes, empty tokens, whitespace or wildcards, and the
     platform's own subjects (``inferbus.…`` and ``$…``) — a request must not turn a worker into
     a publisher on subjects other programs listen to."""
-    if len(subject) > MAX_REPLY_SUBJECT or len(subject.encode()) > MAX_REPLY_SUBJECT:
+    size = len(subject) if subject.isascii() else len(subject.encode())
+    if size > MAX_REPLY_SUBJECT:
         return f"longer than {MAX_REPLY_SUBJECT} bytes"
     if not _PLAIN_SUBJECT.fullmatch(subject):
         return "not a plain NATS subject (empty token, whitespace or wildcard)"
@@ -152,6 +153,25 @@ def error_from_reply(
 
 
 # --- signatures (PROTOCOL.md section 10, endpoint metadata) -------------------------------------
+
+
+class DeclaredTensor(Protocol):
+    """What a request says of one tensor before it is decoded."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def datatype(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+class _Declared(NamedTuple):
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +249,20 @@ class Signature:
 
     def check_declared(self, declared: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
         """The same check on (datatype, shape) by input name, before anything is decoded."""
+        self.check_entries([_Declared(name, *declared[name]) for name in declared])
+
+    def check_entries(self, entries: Sequence[DeclaredTensor]) -> None:
+        """The same check on declared tensors, e.g. a request header's entries."""
+        specs = self.inputs
+        if len(entries) == len(specs) and all(
+            entry.name == spec.name for entry, spec in zip(entries, specs, strict=True)
+        ):  # the usual case: the signature's inputs, in its order
+            for entry, spec in zip(entries, specs, strict=True):
+                spec.check_declared(entry.datatype, entry.shape)
+            return
+        self._check_by_name({entry.name: (entry.datatype, entry.shape) for entry in entries})
+
+    def _check_by_name(self, declared: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
         expected = {spec.name for spec in self.inputs}
         if len(declared) != len(expected) or not expected.issuperset(declared):
             missing, unexpected = expected - declared.keys(), declared.keys() - expected

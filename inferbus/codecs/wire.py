@@ -70,10 +70,10 @@ class TensorEntry(NamedTuple):
     codec: Codec | None  # None: raw
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHeader:
+class RequestHeader(NamedTuple):
     """A request whose JSON header is read and checked but whose tensors are not decoded yet:
-    a receiver validates the declared names, datatypes and shapes before any codec runs."""
+    a receiver validates the declared names, datatypes and shapes before any codec runs.
+    (A NamedTuple: made once per request on the hot path, where a frozen dataclass costs.)"""
 
     id: str
     tensors: tuple[TensorEntry, ...]
@@ -240,14 +240,15 @@ def _entries(header: dict[str, Any], key: str, data: memoryview) -> tuple[Tensor
     raw_entries = header.get(key)
     if type(raw_entries) is not list:
         raise BadInput(f"{key!r} must be a list of tensors")
-    entries = tuple(_tensor_entry(entry, key, index) for index, entry in enumerate(raw_entries))
-    declared = sum(entry.size for entry in entries)
+    entries = tuple([_tensor_entry(entry, key, index) for index, entry in enumerate(raw_entries)])
+    declared = sum([entry.size for entry in entries])
     if declared != len(data):
         raise BadInput(f"tensors declare {declared} bytes of data but the body carries {len(data)}")
-    names = [entry.name for entry in entries]
-    if len(set(names)) != len(names):
-        twice = next(name for index, name in enumerate(names) if name in names[:index])
-        raise BadInput(f"tensor {twice!r} appears twice")
+    if len(entries) > 1:
+        names = [entry.name for entry in entries]
+        if len(set(names)) != len(names):
+            twice = next(name for index, name in enumerate(names) if name in names[:index])
+            raise BadInput(f"tensor {twice!r} appears twice")
     return entries
 
 

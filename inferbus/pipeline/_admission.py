@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from inferbus.codecs import (
     InferRequest,
@@ -28,9 +27,9 @@ from inferbus.repository import ModelConfig
 DECODE_OFF_LOOP_BYTES: Final = 1 << 20  # larger bodies are decoded on a thread
 
 
-@dataclass(frozen=True, slots=True)
-class Work:
-    """An admitted request: what to compute, how it batches, and where and by when to answer."""
+class Work(NamedTuple):
+    """An admitted request: what to compute, how it batches, and where and by when to answer.
+    (A NamedTuple: one is made per request on the hot path.)"""
 
     request: InferRequest
     rows: int
@@ -86,11 +85,10 @@ class Admission:
     def check(self, header: RequestHeader) -> int:
         """Validate what the header declares against the signature and the limits; the
         request's batch size in rows."""
-        declared = {entry.name: (entry.datatype, entry.shape) for entry in header.tensors}
-        self.signature.check_declared(declared)
-        unknown = set(header.outputs) - self.output_names
-        if unknown:
-            raise BadInput(f"unknown outputs {sorted(unknown)}; has {sorted(self.output_names)}")
+        self.signature.check_entries(header.tensors)
+        if header.outputs and not self.output_names.issuperset(header.outputs):
+            unknown = sorted(set(header.outputs) - self.output_names)
+            raise BadInput(f"unknown outputs {unknown}; has {sorted(self.output_names)}")
         if header.reply_codec is not None:
             codec = get_codec(header.reply_codec)
             for spec in self.signature.outputs:  # fail now, not after computing
