@@ -57,22 +57,24 @@ class Executor:
     async def execute(self, instance: int, works: list[Work], encode: Encode) -> list[Outcome]:
         """One outcome per work item, in order: 504 for those out of time, the rest computed."""
         now = time.monotonic()
-        outcomes: list[Outcome | None] = [_expired() if w.expired(now) else None for w in works]
-        live = [work for work, outcome in zip(works, outcomes, strict=True) if outcome is None]
-        if not live:
-            return outcomes  # type: ignore[return-value]  # every entry is set
+        if not any(work.expired(now) for work in works):  # the usual case, kept cheap
+            return await self._compute(instance, works, encode)
+        live = [work for work in works if not work.expired(now)]
+        computed = iter(await self._compute(instance, live, encode) if live else [])
+        return [_expired() if work.expired(now) else next(computed) for work in works]
+
+    async def _compute(self, instance: int, works: list[Work], encode: Encode) -> list[Outcome]:
         engine, thread = self.engines[instance], self.threads[instance]
         self.health.started()
         try:
             if thread is None:
-                computed = self._run(engine, live, encode)
+                computed = self._run(engine, works, encode)
             else:
-                computed = await run_in_thread(thread, self._run, engine, live, encode)
+                computed = await run_in_thread(thread, self._run, engine, works, encode)
         except Exception as exc:  # a bug of ours must not kill the caller or lose replies
-            computed = [internal_error(exc, engine.config.name)] * len(live)
+            computed = [internal_error(exc, engine.config.name)] * len(works)
         self.health.finished(all(isinstance(o, EngineFailure) for o in computed))
-        results = iter(computed)
-        return [next(results) if outcome is None else outcome for outcome in outcomes]
+        return computed
 
     async def probe(self) -> bool:
         """One call on example inputs where the engine runs: is it fit?"""
