@@ -51,6 +51,7 @@ class _Call:
     outputs: tuple[str, ...] = ()
     codec: Choices = None
     reply_codec: str | None = None
+    large: bool = False  # sent in chunks: not cut short by a latency-based attempt timeout
 
 
 class Client(AsyncResource):
@@ -81,8 +82,7 @@ class Client(AsyncResource):
         self._id_prefix = f"{os.getpid()}-{id(self):x}-"
 
     @property
-    def nats(self) -> NatsClient:
-        """The underlying nats-py connection."""
+    def nats(self) -> NatsClient:  # the underlying nats-py connection
         return self._connected().nats
 
     def _connected(self) -> Transport:
@@ -135,9 +135,10 @@ class Client(AsyncResource):
         subject = self._subjects.get((model, version))
         if subject is None:  # checked and cached: the name rule is run once per model
             subject = self._subjects[(model, version)] = infer_subject(model, version)
-        call = _Call(model, version, subject, tuple(outputs), codec, reply_codec)
         directory = self._directory()
         named = inputs if type(inputs) is dict else await directory.named(model, version, inputs)
+        large = sum(getattr(a, "nbytes", 0) for a in named.values()) > self.nats.max_payload
+        call = _Call(model, version, subject, tuple(outputs), codec, reply_codec, large)
         request_id = f"{self._id_prefix}{next(self._ids)}"
         self._busy += 1  # stop() lets calls in flight finish, backoffs included
         self._idle.clear()
@@ -174,12 +175,13 @@ class Client(AsyncResource):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DeadlineExceeded("the time budget ran out waiting for a request slot")
-            budget = self.retry.attempt_timeout(remaining, self._typical.get(call.model))
+            typical = None if call.large else self._typical.get(call.model)
+            budget = self.retry.attempt_timeout(remaining, typical)
             request = InferRequest(
                 request_id, named, call.outputs, int(budget * 1e6), call.reply_codec
             )
             body = encode_request(request, call.codec)
-            data = await self._connected().exchange(call.subject, body, budget)
+            data = await self._connected().exchange(call.subject, body, budget, remaining)
         return await read_result(data, request_id, self.reply_limits.max_bytes, attempt)
 
     @overload

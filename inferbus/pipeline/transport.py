@@ -59,9 +59,14 @@ class Transport:
         if not self.nats.is_closed:
             await self.nats.drain()
 
-    async def exchange(self, subject: str, body: bytes, timeout: float) -> bytes | bytearray:
-        """Send ``body`` to ``subject``; the reply's body, or the error it carries, raised."""
-        deadline = asyncio.get_running_loop().time() + timeout
+    async def exchange(
+        self, subject: str, body: bytes, timeout: float, reply_within: float = 0.0
+    ) -> bytes | bytearray:
+        """Send ``body`` to ``subject``; the reply's body, or the error it carries, raised.
+
+        ``timeout`` bounds the wait for the reply to begin; a reply that comes as a transfer
+        may take up to ``reply_within`` seconds from now, if that is longer."""
+        deadline = asyncio.get_running_loop().time() + max(timeout, reply_within)
         if len(body) > self.nats.max_payload:
             reply = await self._send_large(subject, body, timeout)
         else:
