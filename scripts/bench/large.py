@@ -123,7 +123,12 @@ async def large_tensors(url: str, repo: Path) -> list[Figure]:
         stack.enter_context(harness.worker(small.url, repo, "blob"))
         await harness.wait_for_models(big.url, {"blob"})
         await harness.wait_for_models(small.url, {"blob"})
-        async with inferbus.connect(big.url) as near, inferbus.connect(small.url) as far:
+        # 256 MiB replies are this benchmark's point: above the client's default reply limit.
+        limits = {"max_reply_bytes": 512 * MIB, "max_reply_bytes_in_flight": 512 * MIB}
+        async with (
+            inferbus.connect(big.url, **limits) as near,
+            inferbus.connect(small.url, **limits) as far,
+        ):
             return await _large_figures(near, far)
 
 
