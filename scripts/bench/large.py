@@ -124,10 +124,14 @@ async def large_tensors(url: str, repo: Path) -> list[Figure]:
         await harness.wait_for_models(big.url, {"blob"})
         await harness.wait_for_models(small.url, {"blob"})
         # 256 MiB replies are this benchmark's point: above the client's default reply limit.
-        limits = {"max_reply_bytes": 512 * MIB, "max_reply_bytes_in_flight": 512 * MIB}
+        limit = 512 * MIB
         async with (
-            inferbus.connect(big.url, **limits) as near,
-            inferbus.connect(small.url, **limits) as far,
+            inferbus.connect(
+                big.url, max_reply_bytes=limit, max_reply_bytes_in_flight=limit
+            ) as near,
+            inferbus.connect(
+                small.url, max_reply_bytes=limit, max_reply_bytes_in_flight=limit
+            ) as far,
         ):
             return await _large_figures(near, far)
 
