@@ -26,12 +26,9 @@ from inferbus.pipeline.connection import ConnectOptions, split_servers
 from inferbus.pipeline.discovery import Directory, ModelInfo
 from inferbus.pipeline.result import InferResult, read_result
 from inferbus.pipeline.retry import RetryPolicy
-from inferbus.pipeline.transport import (
-    MAX_REPLY_BYTES,
-    MAX_REPLY_BYTES_IN_FLIGHT,
-    ReplyLimits,
-    Transport,
-)
+from inferbus.pipeline.transport import MAX_REPLY_BYTES as REPLY_BYTES
+from inferbus.pipeline.transport import MAX_REPLY_BYTES_IN_FLIGHT as IN_FLIGHT
+from inferbus.pipeline.transport import ReplyLimits, Transport
 
 DEFAULT_TIMEOUT = 10.0
 STOP_WAIT_S = 10.0
@@ -72,6 +69,7 @@ class Client(AsyncResource):
         self.reply_limits = reply_limits or ReplyLimits()
         self._transport: Transport | None = None
         self._models: Directory | None = None
+        self._max_payload = 0  # the server's, once connected
         self._subjects: dict[tuple[str, int | None], str] = {}
         self._typical: dict[str, float] = {}
         self._busy = 0  # calls in flight, backoffs included, so that stop() can let them finish
@@ -100,6 +98,7 @@ class Client(AsyncResource):
         if self._transport is None:
             self._transport = await Transport.open(self.options, self.reply_limits)
             self._models = Directory(self._transport.nats)
+            self._max_payload = self._transport.nats.max_payload
 
     async def stop(self) -> None:
         """Let calls in flight finish (up to ``STOP_WAIT_S``), then disconnect."""
@@ -137,7 +136,7 @@ class Client(AsyncResource):
             subject = self._subjects[(model, version)] = infer_subject(model, version)
         directory = self._directory()
         named = inputs if type(inputs) is dict else await directory.named(model, version, inputs)
-        large = sum(getattr(a, "nbytes", 0) for a in named.values()) > self.nats.max_payload
+        large = sum([getattr(a, "nbytes", 0) for a in named.values()]) > self._max_payload
         call = _Call(model, version, subject, tuple(outputs), codec, reply_codec, large)
         request_id = f"{self._id_prefix}{next(self._ids)}"
         self._busy += 1  # stop() lets calls in flight finish, backoffs included
@@ -275,8 +274,8 @@ def connect(
     tls_ca: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
-    max_reply_bytes: int = MAX_REPLY_BYTES,
-    max_reply_bytes_in_flight: int = MAX_REPLY_BYTES_IN_FLIGHT,
+    max_reply_bytes: int = REPLY_BYTES,
+    max_reply_bytes_in_flight: int = IN_FLIGHT,
 ) -> Client:
     """A client for ``servers`` (default ``$INFERBUS_SERVERS`` or nats://127.0.0.1:4222).
 

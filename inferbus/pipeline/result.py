@@ -49,7 +49,7 @@ async def read_result(
 ) -> InferResult:
     """Decode a success reply (at most ``limit`` bytes of tensors) to request ``request_id``;
     off the event loop when it is large or compressed (it may inflate up to ``limit``)."""
-    if len(data) > DECODE_OFF_LOOP_BYTES or _COMPRESSED in data[: 4 + _json_length(data)]:
+    if len(data) > DECODE_OFF_LOOP_BYTES or data.find(_COMPRESSED, 4, 4 + _json_length(data)) >= 0:
         return await run_in_thread(None, _read, data, request_id, limit, attempts)
     return _read(data, request_id, limit, attempts)
 
