@@ -67,7 +67,7 @@ class Executor:
         engine, thread = self.engines[instance], self.threads[instance]
         self.health.started()
         try:
-            if thread is None:
+            if thread is None:  # inline: no await, so no task switch on the hot path
                 computed = self._run(engine, works, encode)
             else:
                 computed = await run_in_thread(thread, self._run, engine, works, encode)

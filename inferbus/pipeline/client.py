@@ -22,9 +22,10 @@ from inferbus.contract import infer_subject
 from inferbus.errors import BadInput, DeadlineExceeded, RequestError, Unavailable
 from inferbus.pipeline import mapping
 from inferbus.pipeline._lifecycle import AsyncResource
+from inferbus.pipeline._threads import run_in_thread
 from inferbus.pipeline.connection import ConnectOptions, split_servers
 from inferbus.pipeline.discovery import Directory, ModelInfo
-from inferbus.pipeline.result import InferResult, read_result
+from inferbus.pipeline.result import InferResult, needs_thread, read_result
 from inferbus.pipeline.retry import RetryPolicy
 from inferbus.pipeline.transport import MAX_REPLY_BYTES as REPLY_BYTES
 from inferbus.pipeline.transport import MAX_REPLY_BYTES_IN_FLIGHT as IN_FLIGHT
@@ -181,7 +182,10 @@ class Client(AsyncResource):
             )
             body = encode_request(request, call.codec)
             data = await self._connected().exchange(call.subject, body, budget, remaining)
-        return await read_result(data, request_id, self.reply_limits.max_bytes, attempt)
+        limit = self.reply_limits.max_bytes
+        if needs_thread(data):
+            return await run_in_thread(None, read_result, data, request_id, limit, attempt)
+        return read_result(data, request_id, limit, attempt)
 
     @overload
     def map(
@@ -279,14 +283,11 @@ def connect(
 ) -> Client:
     """A client for ``servers`` (default ``$INFERBUS_SERVERS`` or nats://127.0.0.1:4222).
 
-    Use it as ``async with inferbus.connect(...) as client``. ``creds`` is a NATS credentials
-    file (default ``$INFERBUS_CREDS``); ``tls_*`` are PEM paths for TLS. At most
-    ``max_in_flight`` requests wait for replies at once; more wait their turn in the client.
-    ``retry`` says how requests are tried again after no responders (briefly), a full queue,
-    an unavailable or silent worker — always within each call's ``timeout``. A reply may take
-    at most ``max_reply_bytes`` (256 MiB) decoded, and reply transfers under way at most
-    ``max_reply_bytes_in_flight`` (512 MiB) together; beyond, the call raises 413.
-    """
+    Use it as ``async with inferbus.connect(...) as client``. ``creds``: a NATS credentials
+    file (default ``$INFERBUS_CREDS``); ``tls_*``: PEM paths for TLS. ``max_in_flight``
+    requests wait for replies at once, more wait in the client. ``retry``: how requests are
+    tried again, always within each call's ``timeout``. A reply may take ``max_reply_bytes``
+    decoded, reply transfers under way ``max_reply_bytes_in_flight`` together (else 413)."""
     settings: dict[str, Any] = {"name": name, "tls_ca": tls_ca, "tls_cert": tls_cert}
     settings["tls_key"] = tls_key
     if servers is not None:

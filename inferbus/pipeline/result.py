@@ -10,7 +10,6 @@ import numpy as np
 
 from inferbus.codecs import decode_response
 from inferbus.errors import BadInput, EngineFailure
-from inferbus.pipeline._threads import run_in_thread
 
 DECODE_OFF_LOOP_BYTES: Final = 1 << 20
 # A tensor with a codec names it in the JSON header: such replies are decoded off the loop.
@@ -44,21 +43,19 @@ class InferResult(Mapping[str, np.ndarray]):
         return next(iter(self.outputs.values()))
 
 
-async def read_result(
-    data: bytes | bytearray, request_id: str, limit: int, attempts: int
-) -> InferResult:
-    """Decode a success reply (at most ``limit`` bytes of tensors) to request ``request_id``;
-    off the event loop when it is large or compressed (it may inflate up to ``limit``)."""
-    if len(data) > DECODE_OFF_LOOP_BYTES or data.find(_COMPRESSED, 4, 4 + _json_length(data)) >= 0:
-        return await run_in_thread(None, _read, data, request_id, limit, attempts)
-    return _read(data, request_id, limit, attempts)
+def needs_thread(data: bytes | bytearray) -> bool:
+    """Is a reply large or compressed (it may inflate up to the limit)? Decode it off the loop."""
+    return (
+        len(data) > DECODE_OFF_LOOP_BYTES or data.find(_COMPRESSED, 4, 4 + _json_length(data)) >= 0
+    )
 
 
 def _json_length(data: bytes | bytearray) -> int:
     return int.from_bytes(data[:4], "little")
 
 
-def _read(data: bytes | bytearray, request_id: str, limit: int, attempts: int) -> InferResult:
+def read_result(data: bytes | bytearray, request_id: str, limit: int, attempts: int) -> InferResult:
+    """Decode a success reply (at most ``limit`` bytes of tensors) to request ``request_id``."""
     try:
         response = decode_response(data, limit)
     except BadInput as exc:  # the worker broke the protocol; the caller's input was fine
