@@ -37,6 +37,7 @@ from inferbus.pipeline._service import EndpointRecord, MicroService
 from inferbus.pipeline._stats import ModelStats
 from inferbus.pipeline._threads import run_in_thread
 from inferbus.pipeline.batching import BatchQueue, Pending
+from inferbus.pipeline.connection import confirm_subscriptions
 from inferbus.pipeline.transfer import Receiver, TransferBudget, is_offer
 from inferbus.repository import ModelConfig
 
@@ -184,7 +185,7 @@ class ServedModel:
         for route in self._routes:
             if route.subscription is None:
                 await self._listen(route)
-        await self.replier.nats.flush()
+        await confirm_subscriptions(self.replier.nats)
         log.info("%s: back in rotation", self.config.name)
 
     async def check_health(self, now: float) -> None:

@@ -153,6 +153,16 @@ async def connect_nats(
     return client
 
 
+async def confirm_subscriptions(nats: NatsClient) -> None:
+    """Return once the server has seen every SUB sent so far.
+
+    nats-py writes a flush's PING straight to the socket, ahead of SUBs still queued for its
+    flusher task, so one PONG does not prove the SUBs arrived. By the time that PONG is read
+    the flusher has written its queue, so a second PING follows the SUBs."""
+    await nats.flush()
+    await nats.flush()
+
+
 class Liveness:
     """Notices a connection that no longer reads, and reconnects it (subscriptions included).
 

@@ -23,7 +23,12 @@ from inferbus.pipeline._lifecycle import AsyncResource, cancel_and_wait
 from inferbus.pipeline._metrics import MetricsServer
 from inferbus.pipeline._served import ServedModel, load_served_model
 from inferbus.pipeline._service import MicroService
-from inferbus.pipeline.connection import ConnectOptions, Liveness, connect_nats
+from inferbus.pipeline.connection import (
+    ConnectOptions,
+    Liveness,
+    confirm_subscriptions,
+    connect_nats,
+)
 from inferbus.repository import ModelConfig
 from inferbus.version import __version__
 
@@ -77,8 +82,7 @@ class Worker(AsyncResource):
         await self._service.start()
         for model in self.models:
             await model.start(client, self._service, latest=self._is_latest(model.config))
-        # Subscriptions are only in force once the server has seen them.
-        await client.flush()
+        await confirm_subscriptions(client)  # only then are we routed requests
         self._watchdog = asyncio.create_task(self._watch())
         if self.metrics_port is not None:
             self.metrics = MetricsServer(lambda: self.models, self.metrics_port)
