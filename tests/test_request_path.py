@@ -4,8 +4,9 @@ behave the same on both."""
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import dataclasses
+from collections.abc import AsyncIterator
 from typing import ClassVar
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 
 import inferbus
 from inferbus.engines import OnnxRuntimeEngine, Tensors
-from tests.conftest import TEST_MODELS
+from tests.conftest import TEST_MODELS, eventually
 
 FAILURES = 3
 
@@ -41,17 +42,23 @@ def failing_config(*, direct: bool, engine_class: str | None = None) -> inferbus
     return dataclasses.replace(base, execution="thread", max_failures=FAILURES)
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    server: inferbus.EmbeddedServer, config: inferbus.ModelConfig
+) -> AsyncIterator[tuple[inferbus.Worker, inferbus.Client]]:
+    """A worker of this test's own serving ``config``, and a client."""
+    options = inferbus.ConnectOptions(servers=[server.url], name="test-worker")
+    async with inferbus.Worker([config], options) as worker, inferbus.connect(server.url) as client:
+        yield worker, client
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "queued"])
 async def test_engine_failures_count_toward_health_on_every_path(
     nats_server: inferbus.EmbeddedServer, direct: bool
 ) -> None:
-    options = inferbus.ConnectOptions(servers=[nats_server.url], name="test-worker")
     config = failing_config(direct=direct, engine_class=f"{__name__}:Breakable")
     Breakable.broken = False
-    async with (
-        inferbus.Worker([config], options) as worker,
-        inferbus.connect(nats_server.url) as client,
-    ):
+    async with serving(nats_server, config) as (worker, client):
         model = worker.models[0]
         Breakable.broken = True  # after the warm-up at load: now every call fails
         x = {"x": np.ones((1, 4), dtype=np.float32)}
@@ -61,12 +68,10 @@ async def test_engine_failures_count_toward_health_on_every_path(
         assert model.health.failures_in_a_row == FAILURES
         assert model.stats_data()["errors_by_code"] == {"500": FAILURES}
         # The watchdog (every 0.2 s) probes the engine, which fails too: out of rotation.
-        for _ in range(100):
-            if not worker.ready:
-                break
-            await asyncio.sleep(0.05)
-        Breakable.broken = False
-        assert not worker.ready
+        try:
+            await eventually(lambda: not worker.ready, "the engine left the rotation")
+        finally:
+            Breakable.broken = False
         assert model.stats_data()["health"] == f"unhealthy: {FAILURES} engine failures in a row"
 
 
@@ -75,22 +80,15 @@ async def test_failures_caused_by_inputs_never_take_the_engine_out(
     nats_server: inferbus.EmbeddedServer, direct: bool
 ) -> None:
     """The failing model raises on negative inputs only: its probe passes, inputs are blamed."""
-    options = inferbus.ConnectOptions(servers=[nats_server.url], name="test-worker")
-    async with (
-        inferbus.Worker([failing_config(direct=direct)], options) as worker,
-        inferbus.connect(nats_server.url) as client,
-    ):
+    async with serving(nats_server, failing_config(direct=direct)) as (worker, client):
         health = worker.models[0].health
         bad = {"x": -np.ones((1, 4), dtype=np.float32)}
         for _ in range(2 * FAILURES):
             with pytest.raises(inferbus.EngineFailure, match="engine exploded"):
                 await client.infer("failing", bad, timeout=5)
         assert worker.models[0].stats_data()["errors_by_code"] == {"500": 2 * FAILURES}
-        for _ in range(100):  # the watchdog probes (every 0.2 s); it passes: the count resets
-            if health.failures_in_a_row == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert health.failures_in_a_row == 0
+        # The watchdog probes (every 0.2 s); the probe passes, so the count starts again.
+        await eventually(lambda: health.failures_in_a_row == 0, "the inputs were blamed")
         assert worker.ready
         good = {"x": np.ones((1, 4), dtype=np.float32)}
         np.testing.assert_array_equal((await client.infer("failing", good)).output, good["x"])
@@ -100,11 +98,7 @@ async def test_failures_caused_by_inputs_never_take_the_engine_out(
 async def test_a_success_resets_the_failure_count_on_every_path(
     nats_server: inferbus.EmbeddedServer, direct: bool
 ) -> None:
-    options = inferbus.ConnectOptions(servers=[nats_server.url], name="test-worker")
-    async with (
-        inferbus.Worker([failing_config(direct=direct)], options) as worker,
-        inferbus.connect(nats_server.url) as client,
-    ):
+    async with serving(nats_server, failing_config(direct=direct)) as (worker, client):
         bad = {"x": -np.ones((1, 4), dtype=np.float32)}
         good = {"x": np.ones((1, 4), dtype=np.float32)}
         for _ in range(FAILURES - 1):
