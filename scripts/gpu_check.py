@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 import inferbus
-from inferbus.engines import create_engine
+from inferbus.engines import Engine, create_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (1, 8, 64)
@@ -48,30 +48,47 @@ def onnxruntime_run(providers: list[str]) -> Run:
     return lambda x: np.asarray(session.run(["logits"], {"pixels": x})[0])
 
 
-def torch_run(device: str) -> Run:
+def export_digits_torch(folder: Path) -> inferbus.ModelConfig:
+    """The digits MLP as a ``torch.export`` program in ``folder`` (its weights read from the ONNX
+    file's initializers), and a config that serves it with ``engine = "torch"``."""
     import onnx
     import torch
     from onnx import numpy_helper
 
-    weights = {
-        t.name: numpy_helper.to_array(t) for t in onnx.load(digits_config().path).graph.initializer
-    }
-    matrices = [w for w in weights.values() if w.ndim == 2]
-    biases = [w for w in weights.values() if w.ndim == 1]
+    config = digits_config()
+    weights = [numpy_helper.to_array(t) for t in onnx.load(config.path).graph.initializer]
+    matrices = [w for w in weights if w.ndim == 2]
+    biases = [w for w in weights if w.ndim == 1]
     layers: list[Any] = []
     for index, (matrix, bias) in enumerate(zip(matrices, biases, strict=True)):
         linear = torch.nn.Linear(*matrix.shape)
         linear.weight.data = torch.from_numpy(matrix.T.copy())
         linear.bias.data = torch.from_numpy(bias.copy())
         layers += [linear] + ([torch.nn.ReLU()] if index < len(matrices) - 1 else [])
-    module = torch.nn.Sequential(*layers).to(device).eval()
+    module = torch.nn.Sequential(*layers).eval()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    example = torch.zeros(2, matrices[0].shape[0])
+    program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(folder / "model.pt2"))
+    inputs = ({"name": "pixels", "datatype": "FP32", "shape": [-1, matrices[0].shape[0]]},)
+    outputs = ({"name": "logits", "datatype": "FP32", "shape": [-1, matrices[-1].shape[1]]},)
+    return dataclasses.replace(
+        config, engine="torch", file="model.pt2", directory=folder, inputs=inputs, outputs=outputs
+    )
 
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            out = module(torch.from_numpy(x).to(device))
-            return np.asarray(out.cpu().numpy())
 
-    return run
+def torch_engine() -> Engine:
+    """A loaded TorchEngine (made by ``create_engine``) serving the digits MLP: on CUDA when
+    there is a GPU, else the CPU, as the engine itself decides."""
+    folder = Path(tempfile.mkdtemp(prefix="inferbus-gpu-check-torch-"))
+    engine = create_engine(export_digits_torch(folder))
+    engine.load()
+    return engine
+
+
+def torch_run() -> Run:
+    engine = torch_engine()
+    return lambda x: np.asarray(engine({"pixels": x})["logits"])
 
 
 def tensorrt_run() -> Run:
@@ -119,10 +136,30 @@ def candidates() -> list[tuple[str, Callable[[], Run]]]:
             found.append(("onnxruntime cuda", lambda: onnxruntime_run(["CUDAExecutionProvider"])))
     except ImportError:
         pass
-    found.append(("torch cpu", lambda: torch_run("cpu")))
-    found.append(("torch cuda", lambda: torch_run("cuda")))
+    found.append((f"torch {torch_device()}", torch_run))
     found.append(("tensorrt", tensorrt_run))
     return found
+
+
+def torch_device() -> str:
+    try:
+        import torch
+    except ImportError:
+        return "(not installed)"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def batch_slices(rows: int, max_batch: int) -> list[slice]:
+    """Consecutive slices covering ``range(rows)`` once each, none longer than ``max_batch``."""
+    if max_batch < 1:
+        raise ValueError("max_batch must be >= 1")
+    return [slice(start, min(start + max_batch, rows)) for start in range(0, rows, max_batch)]
+
+
+def run_in_batches(run: Run, x: np.ndarray, max_batch: int) -> np.ndarray:
+    """``run`` over every row of ``x``, at most ``max_batch`` rows a call (an engine's profile
+    or config accepts no more), the outputs concatenated in order."""
+    return np.concatenate([run(x[part]) for part in batch_slices(len(x), max_batch)])
 
 
 def speed(run: Run, x: np.ndarray, batch: int, seconds: float = 2.0) -> float:
@@ -151,6 +188,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=2.0, help="timing per batch size")
     args = parser.parse_args()
     x = held_out()
+    max_batch = digits_config().max_batch_size  # engines (TensorRT's profile) take no more
     reference = onnxruntime_run(["CPUExecutionProvider"])(x)
     print(f"device: {device_name()}")
     header = (
@@ -162,7 +200,7 @@ def main() -> int:
     for name, make in candidates():
         try:
             run = make()
-            outputs = run(x)
+            outputs = run_in_batches(run, x, max_batch)
         except Exception as exc:  # a missing package or device: say so and go on
             print(f"{name.ljust(18)}  not available: {type(exc).__name__}: {exc}"[:160])
             continue

@@ -17,7 +17,7 @@ from inferbus.engines.tensorrt.cache import (
     Target,
     build_lock,
     cache_key,
-    file_sha256,
+    model_sha256,
     plan_path,
     settings_for,
     write_atomically,
@@ -57,7 +57,7 @@ def ensure_plan(config: ModelConfig, *, build: bool, log: Any = print) -> bytes:
     trt = import_tensorrt()
     options = {k: v for k, v in config.options.items() if k != "cache_dir"}
     settings = settings_for(config.max_batch_size, options)
-    key = cache_key(file_sha256(config.path), current_target(trt), settings)
+    key = cache_key(model_sha256(config.path), current_target(trt), settings)
     plan = plan_path(cache_dir(config), config.name, key)
     if plan.exists():
         return plan.read_bytes()
@@ -83,7 +83,9 @@ def build_plan(trt: Any, onnx: Path, settings: BuildSettings, timing_cache: Path
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx.read_bytes()):
+    # IParser.parse_from_file(path), not parse(bytes): given only bytes the parser has no folder
+    # to resolve external weight files (``external_data`` locations) against.
+    if not parser.parse_from_file(str(onnx)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ConfigError(f"{onnx}: TensorRT cannot parse it: {errors}")
     config = builder.create_builder_config()

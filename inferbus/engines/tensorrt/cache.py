@@ -1,7 +1,8 @@
 """Where built TensorRT plans live, under which key, and how builders share the cache safely.
 
-A plan is only valid for the exact ONNX file, TensorRT version, GPU model and build settings
-it was built with, so the cache key hashes all four. Builders on one machine may race (two
+A plan is only valid for the exact ONNX file (with any external weight files it references),
+TensorRT version, GPU model and build settings it was built with, so the cache key hashes all
+four. Builders on one machine may race (two
 workers starting at once): a file lock serialises them and a plan appears only by atomic
 rename, so a reader never sees half a file.
 """
@@ -56,6 +57,44 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def external_data_files(onnx_path: Path) -> list[Path]:
+    """The external-data files the ONNX model at ``onnx_path`` references (sorted, unique),
+    resolved against its folder, as ONNX and TensorRT resolve them. Needs the ``onnx`` package
+    (only the graph is read, never the weights)."""
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ConfigError(
+            f"{onnx_path}: keying a TensorRT plan needs the onnx package (to find external "
+            "weight files): pip install onnx"
+        ) from exc
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    locations = {
+        entry.value
+        for tensor in onnx.external_data_helper._get_all_tensors(model)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return [onnx_path.parent / location for location in sorted(locations)]
+
+
+def model_sha256(onnx_path: Path) -> str:
+    """The ONNX file's SHA-256 when its weights are inside it; else a SHA-256 over it and every
+    external-data file it references (by location, in sorted order), so changed weights give
+    a new cache key."""
+    external = external_data_files(onnx_path)
+    if not external:
+        return file_sha256(onnx_path)
+    material = {
+        "onnx_sha256": file_sha256(onnx_path),
+        "external": [
+            [path.relative_to(onnx_path.parent).as_posix(), file_sha256(path)] for path in external
+        ],
+    }
+    return hashlib.sha256(orjson.dumps(material, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
 def cache_key(onnx_sha256: str, target: Target, settings: BuildSettings) -> str:
     """A stable key: the same inputs give the same key on any machine and Python version."""
     material = {
@@ -84,10 +123,25 @@ def build_lock(plan: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def current_umask() -> int:
+    """This process's umask: from /proc on Linux (no change to process state), else by setting
+    and restoring it."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename over ``path``."""
+    """Write to a temporary file in the same folder, then rename over ``path``. The file gets
+    0o644 less the umask (what ``open(path, "w")`` gives under a 0o022 umask), not mkstemp's
+    0o600, so workers running as another user can read a plan that root built."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(handle, 0o644 & ~current_umask())
         with os.fdopen(handle, "wb") as out:
             out.write(data)
             out.flush()
