@@ -132,3 +132,24 @@ def test_gpu_check_torch_row_runs_through_a_torch_engine(monkeypatch: pytest.Mon
     assert max(calls) <= 64
     assert sum(calls) == len(x)
     np.testing.assert_allclose(outputs, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_an_exported_program_moves_with_the_devices_in_its_graph() -> None:
+    """A ``.pt2`` whose graph creates a tensor on the CPU: moved by the pass, that node follows
+    the program to the new device ("meta" here, which every machine has)."""
+    import torch
+
+    from inferbus.engines.torch import exported_on
+
+    class AddOnes(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + torch.ones(x.shape, device="cpu")
+
+    program = torch.export.export(AddOnes(), (torch.zeros(2, 3),))
+    devices = [
+        node.kwargs["device"]
+        for node in exported_on(torch, program, "meta").graph.nodes
+        if "device" in node.kwargs
+    ]
+    assert devices
+    assert all(torch.device(device).type == "meta" for device in devices)

@@ -64,10 +64,9 @@ class TorchEngine(Engine):
         path = self.config.path
         try:
             if path.suffix == ".pt2":
-                module = torch.export.load(str(path)).module()
-            else:
-                module = torch.jit.load(str(path), map_location=self.device)
-                module.eval()
+                return exported_on(torch, torch.export.load(str(path)), self.device)
+            module = torch.jit.load(str(path), map_location=self.device)
+            module.eval()
         except Exception as exc:  # torch raises many types for a bad file
             raise ConfigError(f"{path}: torch cannot load it: {exc}") from exc
         return module.to(self.device)
@@ -124,3 +123,12 @@ class TorchEngine(Engine):
         return {
             name: value.detach().cpu().numpy() for name, value in zip(names, values, strict=True)
         }
+
+
+def exported_on(torch: Any, program: Any, device: str) -> Any:
+    """An exported program's module on ``device``. ``module().to(device)`` would move the
+    weights but leave devices written into the graph (``aten.ones(..., device=cpu)`` stays on
+    the CPU); ``move_to_device_pass`` is PyTorch's documented way to move both."""
+    from torch.export.passes import move_to_device_pass
+
+    return move_to_device_pass(program, device).module()
