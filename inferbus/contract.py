@@ -245,11 +245,9 @@ class Signature:
 
     def check_inputs(self, tensors: Mapping[str, np.ndarray]) -> None:
         """Raise BadInput unless ``tensors`` holds exactly this signature's inputs."""
-        self.check_declared({name: (datatype_of(a), a.shape) for name, a in tensors.items()})
-
-    def check_declared(self, declared: Mapping[str, tuple[str, tuple[int, ...]]]) -> None:
-        """The same check on (datatype, shape) by input name, before anything is decoded."""
-        self.check_entries([_Declared(name, *declared[name]) for name in declared])
+        self.check_entries(
+            [_Declared(name, datatype_of(a), a.shape) for name, a in tensors.items()]
+        )
 
     def check_entries(self, entries: Sequence[DeclaredTensor]) -> None:
         """The same check on declared tensors, e.g. a request header's entries."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 
 import numpy as np
@@ -17,6 +18,7 @@ from inferbus.errors import (
     Unavailable,
 )
 from tests.conftest import (
+    Load,
     RecordingPolicy,
     add_under_load,
     requests_by_pid,
@@ -69,37 +71,57 @@ async def test_unknown_models_still_fail_fast(nats_server: inferbus.EmbeddedServ
     policy.assert_gave_up(ModelNotFound)
 
 
-async def test_a_worker_killed_under_load_loses_no_request(
-    nats_server: inferbus.EmbeddedServer, client: inferbus.Client
-) -> None:
-    """Two workers; SIGKILL one while requests flow: every request succeeds in its budget."""
-    first = start_worker_process(nats_server.url, "add")
-    second = start_worker_process(nats_server.url, "add")
+@dataclasses.dataclass
+class StoppedOne:
+    """Two ``add`` workers under load, the first sent ``sig`` once a quarter was answered."""
+
+    load: Load
+    first: int  # pids
+    second: int
+    before: dict[int, int]  # requests each had served when the signal went
+    after: dict[int, int]  # requests served, by the workers still there afterwards
+    exit_code: int  # the first worker's
+
+
+async def stop_one_of_two(
+    server: inferbus.EmbeddedServer, client: inferbus.Client, sig: signal.Signals
+) -> StoppedOne:
+    first = start_worker_process(server.url, "add")
+    second = start_worker_process(server.url, "add")
     try:
         await wait_for_workers(client, "add", 2)
         before: dict[int, int] = {}
 
-        async def kill() -> None:
+        async def disrupt() -> None:
             before.update(await requests_by_pid(client, "add_v1", 2))
-            first.send_signal(signal.SIGKILL)
+            first.send_signal(sig)
 
-        load = await add_under_load(client, kill, tasks=8, calls=60, timeout=3)
-        killed = await asyncio.to_thread(first.wait, 20)
+        load = await add_under_load(client, disrupt, tasks=8, calls=60, timeout=3)
+        exit_code = await asyncio.to_thread(first.wait, 20)
         after = await requests_by_pid(client, "add_v1", 1)
     finally:
         for process in (first, second):
             process.kill()
             process.communicate()
+    return StoppedOne(load, first.pid, second.pid, before, after, exit_code)
+
+
+async def test_a_worker_killed_under_load_loses_no_request(
+    nats_server: inferbus.EmbeddedServer, client: inferbus.Client
+) -> None:
+    """Two workers; SIGKILL one while requests flow: every request succeeds in its budget."""
+    run = await stop_one_of_two(nats_server, client, signal.SIGKILL)
+    load, before, after = run.load, run.before, run.after
     assert len(load.results) == 480
     assert all(np.array_equal(r["y"], np.full((1, 4), 2.0)) for r in load.results)
     # Both served before the kill; the killed one died of it (and so served nothing after).
-    assert before[first.pid] > 0
-    assert before[second.pid] > 0
-    assert killed == -signal.SIGKILL
+    assert before[run.first] > 0
+    assert before[run.second] > 0
+    assert run.exit_code == -signal.SIGKILL
     # Every request sent after the kill was answered, and only the survivor was left to.
     assert load.sent_after > 0
-    assert set(after) == {second.pid}
-    assert after[second.pid] - before[second.pid] >= load.sent_after
+    assert set(after) == {run.second}
+    assert after[run.second] - before[run.second] >= load.sent_after
 
 
 async def test_a_slow_model_is_not_cut_short(
@@ -116,30 +138,15 @@ async def test_sigterm_under_load_fails_nothing(
     nats_server: inferbus.EmbeddedServer, client: inferbus.Client
 ) -> None:
     """A worker drained with SIGTERM while requests flow: zero failed requests."""
-    first = start_worker_process(nats_server.url, "add")
-    second = start_worker_process(nats_server.url, "add")
-    try:
-        await wait_for_workers(client, "add", 2)
-        before: dict[int, int] = {}
-
-        async def term() -> None:
-            before.update(await requests_by_pid(client, "add_v1", 2))
-            first.send_signal(signal.SIGTERM)
-
-        load = await add_under_load(client, term, tasks=8, calls=60, timeout=3)
-        drained = await asyncio.to_thread(first.wait, 20)
-        after = await requests_by_pid(client, "add_v1", 1)
-    finally:
-        for process in (first, second):
-            process.kill()
-            process.communicate()
+    run = await stop_one_of_two(nats_server, client, signal.SIGTERM)
+    load, before, after = run.load, run.before, run.after
     assert len(load.results) == 480
     assert all(np.array_equal(r["y"], np.full((1, 4), 2.0)) for r in load.results)
     # Both served before the SIGTERM; the drained one then exited cleanly...
-    assert before[first.pid] > 0
-    assert before[second.pid] > 0
-    assert drained == 0
+    assert before[run.first] > 0
+    assert before[run.second] > 0
+    assert run.exit_code == 0
     # ...and the survivor took the requests that kept coming.
     assert load.sent_after > 0
-    assert set(after) == {second.pid}
-    assert after[second.pid] > before[second.pid]
+    assert set(after) == {run.second}
+    assert after[run.second] > before[run.second]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable
-from typing import Final, NamedTuple
+from typing import NamedTuple
 
 from inferbus.codecs import (
     InferRequest,
@@ -21,10 +21,8 @@ from inferbus.codecs import (
 from inferbus.contract import Signature
 from inferbus.errors import BadInput, PayloadTooLarge
 from inferbus.pipeline._service import EndpointRecord
-from inferbus.pipeline._threads import run_in_thread
+from inferbus.pipeline._threads import DECODE_OFF_LOOP_BYTES, run_in_thread
 from inferbus.repository import ModelConfig
-
-DECODE_OFF_LOOP_BYTES: Final = 1 << 20  # larger bodies are decoded on a thread
 
 
 class Work(NamedTuple):

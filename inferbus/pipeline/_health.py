@@ -29,6 +29,17 @@ class Health:
         self.busy_since = None
         self.failures_in_a_row = self.failures_in_a_row + 1 if failed else 0
 
+    def take_out(self, reason: str, now: float) -> None:
+        self.reason, self.unhealthy_since = reason, now
+
+    def put_back(self) -> None:
+        self.reason, self.unhealthy_since = "", None
+        self.failures_in_a_row = 0
+
+    def blame_inputs(self) -> None:
+        """The engine passed its probe: the failures were the requests', not its own."""
+        self.failures_in_a_row = 0
+
     def verdict(self, now: float) -> str:
         """Why the engine is unfit now, or "" when it is fit."""
         if self.busy_since is not None and now - self.busy_since > self.hang_after_s:

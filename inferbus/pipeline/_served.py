@@ -173,15 +173,14 @@ class ServedModel:
         """Out of rotation: stop taking requests; answer the queued ones 503 so callers retry
         elsewhere instead of waiting here."""
         log.warning("%s: out of rotation: %s", self.config.name, reason)
-        self.health.reason, self.health.unhealthy_since = reason, time.monotonic()
+        self.health.take_out(reason, time.monotonic())
         await self._stop_listening()
         error = Unavailable(f"this worker's engine is unfit: {reason}")
         for item in self.queue.take_all():
             await self.replier.reply(item.payload, error)
 
     async def put_back(self) -> None:
-        self.health.reason, self.health.unhealthy_since = "", None
-        self.health.failures_in_a_row = 0
+        self.health.put_back()
         for route in self._routes:
             if route.subscription is None:
                 await self._listen(route)
@@ -198,7 +197,7 @@ class ServedModel:
                 # fault: a client must not be able to take a model out of rotation.
                 log.info("%s: %s, but the engine passes its probe: inputs blamed",
                          self.config.name, reason)  # fmt: skip
-                health.failures_in_a_row = 0
+                health.blame_inputs()
                 return
             if reason:
                 await self.take_out(reason)

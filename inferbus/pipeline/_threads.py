@@ -7,7 +7,10 @@ import contextvars
 import functools
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import ParamSpec, TypeVar
+from typing import Final, ParamSpec, TypeVar
+
+# Decoding a body larger than this (or one whose tensors use a codec) leaves the event loop.
+DECODE_OFF_LOOP_BYTES: Final = 1 << 20
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -10,8 +10,8 @@ import numpy as np
 
 from inferbus.codecs import decode_response
 from inferbus.errors import BadInput, EngineFailure
+from inferbus.pipeline._threads import DECODE_OFF_LOOP_BYTES
 
-DECODE_OFF_LOOP_BYTES: Final = 1 << 20
 # A tensor with a codec names it in the JSON header: such replies are decoded off the loop.
 _COMPRESSED: Final = b'"codec"'
 
