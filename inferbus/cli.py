@@ -266,7 +266,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     config = load_model_config(args.model_dir)
     plan = ensure_plan(config, build=True)
-    print(f"{config.name} v{config.version}: TensorRT plan ready ({len(plan):,} bytes)")
+    size = plan.stat().st_size
+    print(f"{config.name} v{config.version}: TensorRT plan ready ({size:,} bytes): {plan}")
     return 0
 
 

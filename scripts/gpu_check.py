@@ -9,11 +9,16 @@ samples/s at batch 1, 8 and 64.
 Engines that cannot run here are listed with the reason. TensorRT's wheels are too large for
 the lent GPU machines, so there the TensorRT row says "not installed"; the CUDA buffer
 handling it relies on is checked on its own (cuda-python: pinned and device memory, copies).
+Where TensorRT runs, two instances sharing one plan (a profile and context each) are run at
+once and compared too. Last, the torch engine served through the bus (an embedded nats-server
+and a worker in this process) against the same engine called in-process, at the same batch:
+the target is at least 0.8x.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import platform
 import tempfile
@@ -98,6 +103,75 @@ def tensorrt_run() -> Run:
     engine = create_engine(dataclasses.replace(config, engine="tensorrt", directory=folder))
     engine.load()
     return lambda x: np.asarray(engine({"pixels": x})["logits"])
+
+
+def tensorrt_shared_instances(x: np.ndarray) -> str:
+    """Two instances of one TensorRT model in this process: one plan, a profile each, run at
+    the same time on two threads; both must match one instance run alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from inferbus.engines.tensorrt.engine import PLANS
+
+    config = digits_config()
+    folder = Path(tempfile.mkdtemp(prefix="inferbus-gpu-check-shared-"))
+    (folder / "model.onnx").write_bytes(config.path.read_bytes())
+    shared = dataclasses.replace(config, engine="tensorrt", directory=folder, instances=2)
+    engines = [create_engine(shared) for _ in range(2)]
+    for engine in engines:
+        engine.load()
+    try:
+        leases = [n for counts in PLANS.held().values() for n in counts]
+        part = x[: shared.max_batch_size]
+        alone = np.asarray(engines[0]({"pixels": part})["logits"])
+
+        def repeat(engine: Engine) -> list[inferbus.Tensors]:
+            return [engine({"pixels": part}) for _ in range(200)]
+
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(repeat, engines))
+        same = all(np.array_equal(r["logits"], alone) for result in results for r in result)
+    finally:
+        for engine in engines:
+            engine.close()
+    verdict = "ok" if same and leases == [2] else "MISMATCH"
+    return f"{verdict}: leases per loaded plan {leases}, 2 x 200 concurrent calls equal"
+
+
+def bus_against_in_process(batch: int, seconds: float) -> str:
+    """samples/s of the torch engine through the bus (one client, 4 requests in flight) over
+    samples/s of the same engine called in-process, at the same batch."""
+    folder = Path(tempfile.mkdtemp(prefix="inferbus-gpu-check-bus-"))
+    config = export_digits_torch(folder)
+    engine = create_engine(config)
+    engine.load()
+    x = np.ascontiguousarray(np.resize(held_out(), (batch, 64)))
+    local = speed(lambda chunk: np.asarray(engine({"pixels": chunk})["logits"]), x, batch,
+                  seconds)  # fmt: skip
+    engine.close()
+    remote = asyncio.run(_bus_rate(config, x, seconds))
+    ratio = remote / local
+    verdict = "ok" if ratio >= 0.8 else "BELOW 0.8x"
+    return (f"{verdict}: batch {batch}: bus {remote:,.0f} samples/s, in-process "
+            f"{local:,.0f} samples/s, ratio {ratio:.2f}x")  # fmt: skip
+
+
+async def _bus_rate(config: inferbus.ModelConfig, x: np.ndarray, seconds: float) -> float:
+    with inferbus.EmbeddedServer() as server:
+        options = inferbus.ConnectOptions(servers=[server.url])
+        async with inferbus.Worker([config], options), inferbus.connect(server.url) as client:
+            await client.infer(config.name, x)
+            done, started = 0, time.perf_counter()
+
+            async def caller() -> None:
+                nonlocal done
+                while time.perf_counter() - started < seconds:
+                    await client.infer(config.name, x)
+                    done += len(x)
+
+            async with asyncio.TaskGroup() as group:
+                for _ in range(4):
+                    group.create_task(caller())
+            return done / (time.perf_counter() - started)
 
 
 def cuda_buffers() -> str:
@@ -208,10 +282,16 @@ def main() -> int:
         error = float(np.max(np.abs(outputs - reference)) / np.max(np.abs(reference)))
         rates = "".join(f"{speed(run, x, b, args.seconds):>18,.0f}" for b in BATCHES)
         print(f"{name.ljust(18)}{error:>12.2e}{rates}", flush=True)
-    try:
-        print(f"cuda buffers: {cuda_buffers()}")
-    except Exception as exc:
-        print(f"cuda buffers: not available: {type(exc).__name__}: {exc}"[:160])
+    checks: list[tuple[str, Callable[[], str]]] = [
+        ("cuda buffers", cuda_buffers),
+        ("tensorrt shared instances", lambda: tensorrt_shared_instances(x)),
+        ("torch bus vs in-process", lambda: bus_against_in_process(max_batch, args.seconds)),
+    ]
+    for name, check in checks:
+        try:
+            print(f"{name}: {check()}", flush=True)
+        except Exception as exc:  # a missing package or device: say so and go on
+            print(f"{name}: not available: {type(exc).__name__}: {exc}"[:160], flush=True)
     return 0
 
 

@@ -4,13 +4,16 @@ file (.pt), on CUDA when present, else the CPU.
 Neither format records tensor names reliably, so the config declares the signature:
 ``inputs``/``outputs`` lists of ``{name, datatype, shape}``; inputs are passed to the module
 positionally in that order, and its outputs (a tensor, a tuple or a dict) are named by it.
-On CUDA each instance owns a stream and copies inputs through pinned host memory (checked on
-GPU machines by scripts/gpu_check.py; this machine has no GPU).
+The instances of a model version share one loaded module (one copy of the weights; an eval
+module's forward keeps no state, so threads may call it at once). On CUDA each instance runs on
+a stream no other instance holds (checked on GPU machines by scripts/gpu_check.py; this
+machine has no GPU).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,7 +23,15 @@ import numpy as np
 from inferbus.codecs import BYTES
 from inferbus.contract import Signature, Tensors, TensorSpec
 from inferbus.engines.base import Engine
+from inferbus.engines.shared import Lease, SharedLoads
 from inferbus.errors import ConfigError, EngineFailure
+
+#: loaded modules by (file, its size and mtime, device), leased by the instances serving them
+MODULES: SharedLoads[Any] = SharedLoads()
+#: torch hands out streams from a fixed pool (32 per device and priority), round robin
+STREAM_POOL_SIZE = 32
+_streams_held: set[int] = set()
+_streams_lock = threading.Lock()
 
 
 def declared_signature(inputs: Sequence[Mapping[str, Any]], outputs: Sequence[Mapping[str, Any]],
@@ -57,8 +68,26 @@ class TorchEngine(Engine):
         self.device = "cuda" if self._cuda else "cpu"
         if not self._cuda:  # instances share the cores instead of each claiming all of them
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // self.config.instances))
-        self._module = self._load_module(torch)
-        self._stream = torch.cuda.Stream() if self._cuda else None  # type: ignore[no-untyped-call]
+        path = self.config.path
+        try:
+            stat = path.stat()
+        except OSError as exc:
+            raise ConfigError(f"{path}: torch cannot load it: {exc}") from exc
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, self.device)
+        lease = MODULES.acquire(key, lambda: self._load_module(torch))
+        self._lease: Lease[Any] | None = lease
+        self._module = lease.value
+        self._stream = own_stream(torch) if self._cuda else None
+
+    def close(self) -> None:
+        stream, self._stream = getattr(self, "_stream", None), None
+        if stream is not None:
+            with _streams_lock:
+                _streams_held.discard(stream.cuda_stream)
+        lease, self._lease = getattr(self, "_lease", None), None
+        if lease is not None:
+            self._module = None  # the last lease out drops the weights
+            lease.release()
 
     def _load_module(self, torch: Any) -> Any:
         path = self.config.path
@@ -98,8 +127,8 @@ class TorchEngine(Engine):
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             for spec in self.signature.inputs:
                 tensor = torch.from_numpy(np.asarray(batch[spec.name]))
-                if self._cuda:  # pinned memory lets the copy overlap on this instance's stream
-                    tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+                if self._cuda:  # a plain copy: with nothing to overlap, pinning first only adds one
+                    tensor = tensor.to(self.device)
                 tensors.append(self.prepare_on_device(spec.name, tensor))
         return tensors
 
@@ -132,3 +161,19 @@ def exported_on(torch: Any, program: Any, device: str) -> Any:
     from torch.export.passes import move_to_device_pass
 
     return move_to_device_pass(program, device).module()
+
+
+def own_stream(torch: Any) -> Any:
+    """A CUDA stream that no other instance in this process holds. ``torch.cuda.Stream()``
+    draws from a round-robin pool, so other code drawing too could hand two instances the same
+    stream (serialising them); draw until a free one comes, and refuse beyond the pool."""
+    with _streams_lock:
+        for _ in range(STREAM_POOL_SIZE):
+            stream = torch.cuda.Stream()
+            if stream.cuda_stream not in _streams_held:
+                _streams_held.add(stream.cuda_stream)
+                return stream
+    raise ConfigError(
+        f"every one of torch's {STREAM_POOL_SIZE} pooled CUDA streams is held by an instance; "
+        "serve with fewer instances (more than a few rarely helps one GPU)"
+    )

@@ -9,6 +9,7 @@ that only the bad one fails.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
@@ -130,10 +131,18 @@ class Executor:
 
 
 async def load_engines(instances: list[Engine]) -> None:
-    """Load and warm up each instance, off the loop."""
-    for engine in instances:
-        await run_in_thread(None, engine.load)
-        await run_in_thread(None, engine.warm_up)
+    """Load and warm up each instance, off the loop; if one fails, close all of them."""
+    tried: list[Engine] = []
+    try:
+        for engine in instances:
+            tried.append(engine)
+            await run_in_thread(None, engine.load)
+            await run_in_thread(None, engine.warm_up)
+    except BaseException:
+        for engine in tried:  # what the loaded ones hold (GPU memory) goes back now
+            with contextlib.suppress(Exception):
+                engine.close()
+        raise
 
 
 def runs_inline(engine: Engine) -> bool:

@@ -20,6 +20,7 @@ from inferbus.engines.tensorrt.cache import (
     model_sha256,
     plan_path,
     settings_for,
+    timing_cache_path,
     write_atomically,
 )
 from inferbus.engines.tensorrt.cuda import check, cudart
@@ -51,16 +52,17 @@ def cache_dir(config: ModelConfig) -> Path:
     return config.directory / str(folder)
 
 
-def ensure_plan(config: ModelConfig, *, build: bool, log: Any = print) -> bytes:
-    """The cached plan for this model on this GPU; built (under the lock) when missing and
-    ``build`` is true, else a ConfigError that says how to build it."""
+def ensure_plan(config: ModelConfig, *, build: bool, log: Any = print) -> Path:
+    """The cached plan file for this model on this GPU; built (under the lock) when missing
+    and ``build`` is true, else a ConfigError that says how to build it."""
     trt = import_tensorrt()
     options = {k: v for k, v in config.options.items() if k != "cache_dir"}
-    settings = settings_for(config.max_batch_size, options)
-    key = cache_key(model_sha256(config.path), current_target(trt), settings)
+    settings = settings_for(config.max_batch_size, options, config.instances)
+    target = current_target(trt)
+    key = cache_key(model_sha256(config.path), target, settings)
     plan = plan_path(cache_dir(config), config.name, key)
     if plan.exists():
-        return plan.read_bytes()
+        return plan
     if not build:
         raise ConfigError(
             f"{config.name}: no TensorRT plan for this GPU in {plan.parent}; "
@@ -68,13 +70,13 @@ def ensure_plan(config: ModelConfig, *, build: bool, log: Any = print) -> bytes:
         )
     with build_lock(plan):
         if plan.exists():  # another builder finished while we waited for the lock
-            return plan.read_bytes()
+            return plan
         log(f"{config.name}: building a TensorRT plan (this takes a while) ...")
         started = time.monotonic()
-        data = build_plan(trt, config.path, settings, plan.with_suffix(".timing"))
+        data = build_plan(trt, config.path, settings, timing_cache_path(plan.parent, target))
         write_atomically(plan, data)
         log(f"{config.name}: plan built in {time.monotonic() - started:.0f}s: {plan}")
-    return data
+    return plan
 
 
 def build_plan(trt: Any, onnx: Path, settings: BuildSettings, timing_cache: Path) -> bytes:
@@ -91,16 +93,19 @@ def build_plan(trt: Any, onnx: Path, settings: BuildSettings, timing_cache: Path
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mib << 20)
     config.builder_optimization_level = settings.optimization_level
-    profile = builder.create_optimization_profile()
-    for index in range(network.num_inputs):
-        tensor = network.get_input(index)
-        spec = TensorSpec(tensor.name, datatype_of_trt(trt, tensor.dtype), tuple(tensor.shape))
-        shapes = profile_for(spec, settings)
-        profile.set_shape(tensor.name, shapes.min, shapes.opt, shapes.max)
-    config.add_optimization_profile(profile)
+    for _ in range(settings.profiles):  # identical; the timing cache makes the copies cheap
+        profile = builder.create_optimization_profile()
+        for index in range(network.num_inputs):
+            tensor = network.get_input(index)
+            spec = TensorSpec(tensor.name, datatype_of_trt(trt, tensor.dtype), tuple(tensor.shape))
+            shapes = profile_for(spec, settings)
+            profile.set_shape(tensor.name, shapes.min, shapes.opt, shapes.max)
+        if config.add_optimization_profile(profile) < 0:
+            raise ConfigError(f"{onnx}: TensorRT refused its optimization profile (log above)")
     previous = timing_cache.read_bytes() if timing_cache.exists() else b""
     cache = config.create_timing_cache(previous)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise ConfigError(f"{timing_cache}: TensorRT refused this timing cache; delete it")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ConfigError(f"{onnx}: TensorRT could not build a plan (see its log above)")

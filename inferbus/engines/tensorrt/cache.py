@@ -32,10 +32,15 @@ class BuildSettings:
     max_batch: int = 1
     workspace_mib: int = 1024
     optimization_level: int = 3
+    #: identical optimization profiles, one per instance: TensorRT execution contexts in
+    #: concurrent use on one engine must each use a profile of their own
+    profiles: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
             raise ConfigError("TensorRT batch sizes need 1 <= min <= opt <= max")
+        if self.profiles < 1:
+            raise ConfigError("a TensorRT plan needs at least one optimization profile")
         if self.workspace_mib < 1 or not 0 <= self.optimization_level <= 5:
             raise ConfigError("workspace_mib must be >= 1 and optimization_level 0..5")
 
@@ -111,6 +116,17 @@ def plan_path(cache_dir: Path, model: str, key: str) -> Path:
     return cache_dir / f"{model}-{key}.plan"
 
 
+def timing_cache_path(cache_dir: Path, target: Target) -> Path:
+    """One timing cache per TensorRT version and GPU, shared by every model built there: the
+    kernel timings it holds are valid for any network on that target, which is what makes a
+    second model's build (or a plan with one profile per instance) fast. Builders of
+    different models may overwrite each other's additions (each write is atomic); the cache
+    only saves time, so a lost entry costs a re-timing, never a wrong plan."""
+    material = [target.tensorrt_version, target.gpu_name, list(target.compute_capability)]
+    key = hashlib.sha256(orjson.dumps(material)).hexdigest()[:16]
+    return cache_dir / f"timing-{key}.timing"
+
+
 @contextlib.contextmanager
 def build_lock(plan: Path) -> Iterator[None]:
     """Hold an exclusive lock beside ``plan`` (blocking): one builder per plan at a time."""
@@ -153,9 +169,11 @@ def write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def settings_for(max_batch_size: int, options: Mapping[str, object]) -> BuildSettings:
-    """Build settings from a model config: max batch from ``max_batch_size``, the rest from
-    its ``[options]`` table (``opt_batch_size``, ``workspace_mib``, ``optimization_level``).
+def settings_for(max_batch_size: int, options: Mapping[str, object], instances: int = 1
+                 ) -> BuildSettings:  # fmt: skip
+    """Build settings from a model config: max batch from ``max_batch_size``, one profile per
+    instance, the rest from its ``[options]`` table (``opt_batch_size``, ``workspace_mib``,
+    ``optimization_level``).
     Precision is the ONNX file's: networks are strongly typed (export in FP16 for FP16)."""
     known = {"opt_batch_size", "workspace_mib", "optimization_level", "on_cache_miss"}
     unknown = sorted(set(options) - known)
@@ -172,4 +190,5 @@ def settings_for(max_batch_size: int, options: Mapping[str, object]) -> BuildSet
         max_batch=max_batch_size,
         workspace_mib=workspace,
         optimization_level=level,
+        profiles=instances,
     )
