@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 
 from inferbus.codecs import BYTES, DATATYPES, Tensors, datatype_of, numpy_dtype
-from inferbus.codecs import decode_error as _decode_error_text
+from inferbus.codecs import decode_error_fields as _decode_error_fields
 from inferbus.codecs import encode_error as _encode_error_body
 from inferbus.errors import BadInput, ConfigError, RequestError, error_for_code
 
@@ -26,6 +26,7 @@ __all__ = [
     "MAX_REPLY_SUBJECT",
     "NAME_PATTERN",
     "PREFIX",
+    "REQUEST_INFO_HEADER",
     "SERVICE_NAME",
     "Signature",
     "TensorSpec",
@@ -38,6 +39,7 @@ __all__ = [
     "infer_subject",
     "queue_group",
     "reply_subject_problem",
+    "requester_account",
     "service_subject",
 ]
 
@@ -138,7 +140,10 @@ def error_reply(error: RequestError) -> tuple[bytes, dict[str, str]]:
     end the header block)."""
     text = error.message[:MAX_ERROR_TEXT]
     line = " ".join(text.split())[:MAX_ERROR_TEXT]
-    return _encode_error_body(text), {ERROR_HEADER: line, ERROR_CODE_HEADER: str(error.code)}
+    retry = error.retry_after_s
+    retry_ms = None if retry is None else max(0, round(retry * 1000))
+    body = _encode_error_body(text, retry_after_ms=retry_ms)
+    return body, {ERROR_HEADER: line, ERROR_CODE_HEADER: str(error.code)}
 
 
 def error_from_reply(
@@ -149,7 +154,31 @@ def error_from_reply(
     if code is None:
         return None
     number = int(code) if code.isascii() and code.isdigit() else 500
-    return error_for_code(number, _decode_error_text(bytes(body)), model=model)
+    message, retry_ms = _decode_error_fields(bytes(body))
+    retry = None if retry_ms is None else retry_ms / 1000
+    return error_for_code(number, message, model=model, retry_after_s=retry)
+
+
+# --- identity on a shared bus (PROTOCOL.md section 14) -------------------------------------------
+
+#: written by nats-server on requests that cross a service import with ``share: true``
+REQUEST_INFO_HEADER: Final = "Nats-Request-Info"
+
+
+def requester_account(headers: Mapping[str, str] | None) -> str | None:
+    """The NATS account a request came from, as the server wrote it (``acc`` in
+    ``Nats-Request-Info``); None when the header is absent or unreadable. Trust it only on a
+    bus whose accounts the roster made: there the server writes it, and a sender cannot."""
+    if not headers:
+        return None
+    info = headers.get(REQUEST_INFO_HEADER)
+    if info is None:
+        return None
+    try:
+        account = orjson.loads(info).get("acc")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return account if isinstance(account, str) and account else None
 
 
 # --- signatures (PROTOCOL.md section 10, endpoint metadata) -------------------------------------

@@ -8,9 +8,10 @@
     ├── ConnectionFailed(ConnectionError)  NATS could not be reached
     └── RequestError                    an inference request failed; ``code`` is its wire code
         ├── BadInput(ValueError)              400 malformed, mistyped or misshaped request
+        ├── Forbidden(PermissionError)        403 the model is not granted to the caller
         ├── ModelNotFound(LookupError)        404 no worker serves this model or version
         ├── PayloadTooLarge(ValueError)       413 request larger than the model accepts
-        ├── Overloaded                        429 the worker's queue is full
+        ├── Overloaded                        429 the worker's queue or the caller's quota is full
         ├── EngineFailure                     500 the engine raised while computing
         ├── Unavailable                       503 the worker cannot serve right now
         └── DeadlineExceeded(TimeoutError)    504 the time budget ran out
@@ -44,10 +45,14 @@ class RequestError(InferbusError):
 
     code: ClassVar[int] = 500
 
-    def __init__(self, message: str, *, model: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, model: str | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.model = model
+        #: when the sender may try again (429 from a quota), if the worker said
+        self.retry_after_s = retry_after_s
 
     def __str__(self) -> str:
         prefix = f"[{self.code}]"
@@ -58,6 +63,10 @@ class RequestError(InferbusError):
 
 class BadInput(RequestError, ValueError):
     code = 400
+
+
+class Forbidden(RequestError, PermissionError):
+    code = 403
 
 
 class ModelNotFound(RequestError, LookupError):
@@ -83,8 +92,15 @@ class Unavailable(RequestError):
 class DeadlineExceeded(RequestError, TimeoutError):
     code = 504
 
-    def __init__(self, message: str, *, model: str | None = None, silent: bool = False) -> None:
-        super().__init__(message, model=model)
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str | None = None,
+        silent: bool = False,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message, model=model, retry_after_s=retry_after_s)
         #: no reply came at all (the worker may be gone), rather than a worker's 504
         self.silent = silent
 
@@ -93,6 +109,7 @@ _BY_CODE: dict[int, type[RequestError]] = {
     cls.code: cls
     for cls in (
         BadInput,
+        Forbidden,
         ModelNotFound,
         PayloadTooLarge,
         Overloaded,
@@ -103,6 +120,8 @@ _BY_CODE: dict[int, type[RequestError]] = {
 }
 
 
-def error_for_code(code: int, message: str, *, model: str | None = None) -> RequestError:
+def error_for_code(
+    code: int, message: str, *, model: str | None = None, retry_after_s: float | None = None
+) -> RequestError:
     """The exception for a wire error code; unknown codes become ``EngineFailure``."""
-    return _BY_CODE.get(code, EngineFailure)(message, model=model)
+    return _BY_CODE.get(code, EngineFailure)(message, model=model, retry_after_s=retry_after_s)

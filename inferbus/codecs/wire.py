@@ -175,20 +175,32 @@ def decode_response(body: bytes | bytearray, limit: int = DEFAULT_DECODE_LIMIT) 
     )
 
 
-def encode_error(message: str, request_id: str = "") -> bytes:
+def encode_error(message: str, request_id: str = "", retry_after_ms: int | None = None) -> bytes:
     """An error body; ``inferbus.contract.error_reply`` caps the message first."""
-    header = {"id": request_id, "error": message} if request_id else {"error": message}
+    header: dict[str, Any] = (
+        {"id": request_id, "error": message} if request_id else {"error": message}
+    )
+    if retry_after_ms is not None:
+        header["retry_after_ms"] = retry_after_ms
     json = orjson.dumps(header)
     return _PREFIX.pack(len(json)) + json
 
 
 def decode_error(body: bytes) -> str:
     """The message of an error body; lenient, since errors may come from any NATS service."""
+    return decode_error_fields(body)[0]
+
+
+def decode_error_fields(body: bytes) -> tuple[str, int | None]:
+    """The message of an error body and its ``retry_after_ms`` (None when absent or not a
+    non-negative integer); lenient, since errors may come from any NATS service."""
     try:
         header, _ = _unframe(body)
-        return str(header.get("error", "unknown error"))
     except BadInput:
-        return body.decode(errors="replace") or "unknown error"
+        return body.decode(errors="replace") or "unknown error", None
+    retry = header.get("retry_after_ms")
+    valid = type(retry) is int and 0 <= retry <= 86_400_000
+    return str(header.get("error", "unknown error")), retry if valid else None
 
 
 def _frame(header: dict[str, Any], key: str, tensors: Tensors, codecs: Choices) -> bytes:
