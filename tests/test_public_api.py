@@ -22,7 +22,9 @@ def test_exported_members() -> None:
         "natsserver",
         "pipeline",
         "repository",
+        "roster",
         "status",
+        "tenancy",
         "version",
     }
     assert public - submodules == set(inferbus.__all__) - {"__version__"}

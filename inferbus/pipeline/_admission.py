@@ -36,6 +36,7 @@ class Work(NamedTuple):
     reply: str
     record: EndpointRecord
     received_ns: int  # time.perf_counter_ns() on arrival
+    user: str = ""  # who sent it, on a shared bus (the server-written account)
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -56,7 +57,12 @@ class Admission:
         self.output_names = frozenset(spec.name for spec in signature.outputs)
 
     async def admit(
-        self, data: bytes | bytearray, reply: str, record: EndpointRecord, received_ns: int
+        self,
+        data: bytes | bytearray,
+        reply: str,
+        record: EndpointRecord,
+        received_ns: int,
+        user: str = "",
     ) -> Work:
         """The work a body asks for; raises the ``RequestError`` to answer instead.
 
@@ -72,7 +78,7 @@ class Admission:
         timeout = request.timeout_us
         deadline = None if timeout is None else time.monotonic() + timeout / 1e6
         key = self.batch_key(request)
-        return Work(request, rows, key, deadline, reply, record, received_ns)
+        return Work(request, rows, key, deadline, reply, record, received_ns, user)
 
     def read_header(self, data: bytes | bytearray) -> RequestHeader:
         limit = self.config.max_request_bytes

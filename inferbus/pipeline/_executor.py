@@ -25,6 +25,7 @@ from inferbus.errors import DeadlineExceeded, EngineFailure, RequestError
 from inferbus.pipeline._admission import Work, is_batched
 from inferbus.pipeline._health import Health
 from inferbus.pipeline._stats import ModelStats
+from inferbus.pipeline._tenants import UserUsage
 from inferbus.pipeline._threads import run_in_thread
 from inferbus.pipeline.mapping import unpack
 
@@ -42,9 +43,16 @@ class Executor:
     """A model version's engine instances and where each runs."""
 
     def __init__(
-        self, engines: Sequence[Engine], *, inline: bool, stats: ModelStats, health: Health
+        self,
+        engines: Sequence[Engine],
+        *,
+        inline: bool,
+        stats: ModelStats,
+        health: Health,
+        usage: UserUsage | None = None,
     ) -> None:
         self.engines = list(engines)
+        self.usage = usage  # per-user compute time, on a shared bus
         self.inline = inline
         self.stats = stats
         self.health = health
@@ -127,6 +135,8 @@ class Executor:
         per_request = [outputs] if len(works) == 1 else unpack(outputs, rows)
         # Counted only once the outputs are usable: a failed batch is retried one by one.
         self.stats.executed(len(works), sum(rows), elapsed)
+        if self.usage is not None:
+            self.usage.computed([(work.user, work.rows) for work in works], elapsed)
         return per_request
 
 

@@ -12,13 +12,19 @@ Read from the same counters as ``$SRV.STATS`` at scrape time, so the two never d
 | inferbus_compute_duration_us_total | counter | time in engine calls |
 | inferbus_request_dropped_total | counter | requests dropped unanswered: reply subject refused |
 | inferbus_pending_request_count | gauge | requests waiting in the queue now |
+| inferbus_user_request_total{user} | counter | a user's requests answered (shared bus) |
+| inferbus_user_rows_total{user} | counter | a user's rows computed (shared bus) |
+| inferbus_user_compute_seconds_total{user} | counter | a user's share of engine time |
+| inferbus_user_refused_total{user} | counter | a user's requests refused by grants or quotas |
 
-Every series carries ``model`` and ``version`` labels.
+Every series carries ``model`` and ``version`` labels. ``user`` is a roster user's name,
+``(admin)``, or ``(other)`` for anyone else, so the label set stays bounded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -46,6 +52,12 @@ class _Collector:
         pending = GaugeMetricFamily(
             "inferbus_pending_request_count", "Requests waiting in the queue", labels=LABELS
         )
+        per_user = {
+            "requests": _counter("user_request", "A user's requests answered", "user"),
+            "rows": _counter("user_rows", "A user's rows computed", "user"),
+            "compute_s": _counter("user_compute_seconds", "A user's share of engine time", "user"),
+            "refused": _counter("user_refused", "A user's requests refused by policy", "user"),
+        }
         for model in self.models():
             labels = [model.config.name, str(model.config.version)]
             data = model.stats_data()
@@ -58,7 +70,24 @@ class _Collector:
             compute.add_metric(labels, data["compute_ns"] / 1e3)
             dropped.add_metric(labels, data["dropped_count"])
             pending.add_metric(labels, data["pending"])
+            if "users" in data:
+                known = model.tenancy.roster.users
+                for user, row in _bounded(data["users"], known).items():
+                    for field, family in per_user.items():
+                        family.add_metric([*labels, user], row[field])
         yield from (success, failure, inference, execution, queue, compute, dropped, pending)
+        yield from per_user.values()
+
+
+def _bounded(users: Mapping[str, Mapping[str, float]], known: Mapping[str, Any]
+             ) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Usage rows by label: roster users and the admin by name, everyone else summed."""
+    rows: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for user, row in users.items():
+        label = user if user in known or user == "(admin)" else "(other)"
+        for field, value in row.items():
+            rows[label][field] += value
+    return rows
 
 
 class MetricsServer:

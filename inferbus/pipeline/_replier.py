@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 from nats.aio.client import Client as NatsClient
@@ -21,9 +21,9 @@ from inferbus.contract import Tensors, error_reply
 from inferbus.errors import BadInput, EngineFailure, Overloaded, RequestError
 from inferbus.pipeline._admission import Work
 from inferbus.pipeline._executor import Outcome, internal_error
+from inferbus.pipeline._reply_server import ReplyServer
 from inferbus.pipeline._service import EndpointRecord
 from inferbus.pipeline._stats import ModelStats
-from inferbus.pipeline.transfer import send
 from inferbus.repository import ModelConfig
 
 REPLY_TRANSFER_S: Final = 60.0  # a large reply's time limit when the request set no budget
@@ -34,8 +34,15 @@ log = logging.getLogger("inferbus.worker")
 class Replier:
     """Answers one model version's requests over ``nats``."""
 
-    def __init__(self, config: ModelConfig, stats: ModelStats, nats: NatsClient) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        stats: ModelStats,
+        nats: NatsClient,
+        answered: Callable[[Work], None] | None = None,
+    ) -> None:
         self.config = config
+        self.answered = answered  # told of each admitted request as it is answered
         self.stats = stats
         self.nats = nats
         self._version = str(config.version)
@@ -82,6 +89,8 @@ class Replier:
         self._outstanding -= 1
         if not self._outstanding:
             self._idle.set()
+        if self.answered is not None:
+            self.answered(work)
         if isinstance(outcome, RequestError):
             await self.reply_error(work.reply, work.record, work.received_ns, outcome)
         elif len(outcome) > self.nats.max_payload:
@@ -120,12 +129,21 @@ class Replier:
         return True
 
     async def _send_large(self, work: Work, body: bytes) -> None:
+        """Offer a reply above max_payload, then serve its chunks to the caller's fetches
+        (only to the caller's account, when known)."""
         budget = REPLY_TRANSFER_S
         if work.deadline is not None:
             budget = max(work.deadline - time.monotonic(), 1.0)
+        server = ReplyServer(self.nats, body, timeout_s=budget, owner=work.user or None)
         try:
-            await send(self.nats, work.reply, body, timeout=budget)
-        except RequestError as exc:  # the caller gave up or went away: nobody left to tell
+            await server.offer_to(work.reply)
+        except Exception as exc:  # as _publish: logged, never raised
+            log.warning("%s: could not offer a reply to %r: %s", self.config.name, work.reply, exc)
+            self.stats.request_done(503)
+            return
+        try:
+            await server.serve()
+        except RequestError as exc:  # refused, abandoned or broken: nobody left to tell
             log.warning("%s: reply transfer failed: %s", self.config.name, exc)
             self.stats.request_done(exc.code)
             return

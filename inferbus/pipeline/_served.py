@@ -2,9 +2,8 @@
 
     load → warm up → subscribe (in rotation) ⇄ out of rotation → drain → close
 
-A message goes admission → scheduler (the batch queue) → executor → replier. With nothing
-queued and an engine that runs inline, the scheduler is skipped: the request is computed in the
-subscription callback, because batching could only add a task switch.
+A message goes admission → scheduler (the batch queue) → executor → replier: the parts that
+``_path.RequestPath`` connects. On a shared bus each message first meets the tenancy gate.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from inferbus.contract import (
     infer_subject,
     queue_group,
     reply_subject_problem,
+    requester_account,
 )
 from inferbus.engines import Engine, create_engine
 from inferbus.errors import RequestError, Unavailable
@@ -32,12 +32,15 @@ from inferbus.pipeline._admission import Admission, Work
 from inferbus.pipeline._executor import Executor, load_engines, runs_inline
 from inferbus.pipeline._health import Health
 from inferbus.pipeline._lifecycle import cancel_and_wait
+from inferbus.pipeline._path import RequestPath
 from inferbus.pipeline._replier import Replier
 from inferbus.pipeline._service import EndpointRecord, MicroService
 from inferbus.pipeline._stats import ModelStats
+from inferbus.pipeline._tenants import Tenancy, UserUsage
 from inferbus.pipeline._threads import run_in_thread
-from inferbus.pipeline.batching import BatchQueue, Pending
+from inferbus.pipeline.batching import BatchQueue, Scheduler
 from inferbus.pipeline.connection import confirm_subscriptions
+from inferbus.pipeline.fair import FairBatchQueue
 from inferbus.pipeline.transfer import Receiver, TransferBudget, is_offer
 from inferbus.repository import ModelConfig
 
@@ -59,7 +62,7 @@ class _Route:
     subscription: Subscription | None = None
 
 
-async def load_served_model(config: ModelConfig) -> ServedModel:
+async def load_served_model(config: ModelConfig, tenancy: Tenancy | None = None) -> ServedModel:
     """Create, load and warm up ``instances`` engines off the loop; choose where they run."""
     engines = [create_engine(config) for _ in range(config.instances)]
     await load_engines(engines)
@@ -69,22 +72,31 @@ async def load_served_model(config: ModelConfig) -> ServedModel:
     where = "on the event loop" if inline else f"on {config.instances} thread(s)"
     log.info("%s v%d loaded: %s on %s, runs %s", config.name, config.version,
              engines[0].backend, engines[0].device, where)  # fmt: skip
-    return ServedModel(engines, inline=inline)
+    return ServedModel(engines, inline=inline, tenancy=tenancy)
 
 
 class ServedModel:
     """A model version's parts, wired together, and its subscriptions."""
 
-    def __init__(self, engines: list[Engine], *, inline: bool = False) -> None:
+    def __init__(
+        self, engines: list[Engine], *, inline: bool = False, tenancy: Tenancy | None = None
+    ) -> None:
         self.config = engines[0].config
+        self.tenancy = tenancy  # a shared bus: identities, grants, quotas, fair queues
         self.signature = engines[0].signature
         self.engine_info = (engines[0].backend or type(engines[0]).__name__, engines[0].device)
         self.instances = len(engines)
         self.stats = ModelStats()
         self.health = Health(self.config.hang_after_s, self.config.max_failures)
         self.admission = Admission(self.config, self.signature)
-        self.queue: BatchQueue[Work] = BatchQueue.for_config(self.config)
-        self.executor = Executor(engines, inline=inline, stats=self.stats, health=self.health)
+        self.usage = UserUsage()
+        self.queue: Scheduler[Work] = (
+            BatchQueue.for_config(self.config)
+            if tenancy is None
+            else FairBatchQueue.for_config(self.config)
+        )
+        self.executor = Executor(engines, inline=inline, stats=self.stats, health=self.health,
+                                 usage=None if tenancy is None else self.usage)  # fmt: skip
         self._replier: Replier | None = None
         self._direct = inline and len(engines) == 1 and not self.config.max_queue_delay_ms
         self._routes: list[_Route] = []
@@ -110,9 +122,16 @@ class ServedModel:
                                  engine=engine, device=device, instances=self.instances,
                                  max_batch_size=self.config.max_batch_size)  # fmt: skip
 
-    def stats_data(self) -> dict[str, Any]:
+    def stats_data(self, viewer: str | None = None) -> dict[str, Any]:
+        """The endpoint's STATS data; on a shared bus with each user's usage (a user who asks
+        sees only their own)."""
         data = self.stats.snapshot(pending=len(self.queue))
         data["health"] = "ready" if self.health.healthy else f"unhealthy: {self.health.reason}"
+        if self.tenancy is not None:
+            users = self.usage.snapshot()
+            if viewer:
+                users = {name: row for name, row in users.items() if name == viewer}
+            data["users"] = users
         return data
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -121,8 +140,20 @@ class ServedModel:
         """Start the consumers and subscribe the versioned subject (and, for the latest
         version, the unversioned one). The caller flushes: only then are subscriptions live."""
         self._replier = Replier(self.config, self.stats, nats)
+        self.path = RequestPath(
+            admission=self.admission,
+            queue=self.queue,
+            executor=self.executor,
+            replier=self._replier,
+            stats=self.stats,
+            usage=self.usage,
+            tenancy=self.tenancy,
+            direct=self._direct,
+        )
+        if self.tenancy is not None:
+            self._replier.answered = self.path.answered
         self._consumers = [
-            asyncio.create_task(self._consume(instance))
+            asyncio.create_task(self.path.consume(instance))
             for instance in range(len(self.executor.engines))
         ]
         name = self.config.name
@@ -149,6 +180,11 @@ class ServedModel:
             if reply_subject_problem(msg.reply):  # answering could harm the bus or us
                 self.stats.dropped()
                 return
+            user = ""
+            if self.tenancy is not None:  # a shared bus: who asks, and may they, now?
+                user = self.tenancy.identify(msg.headers)
+                if await self.path.refused(user, self.config.name, msg.reply, record):
+                    return
             if is_offer(msg):
                 await self._accept_transfer(msg, record)
                 return
@@ -156,7 +192,7 @@ class ServedModel:
             if backlog >= self.config.max_queue_size:  # cannot keep up: 429 now, undecoded
                 await self.replier.shed(msg.reply, record)
             else:
-                await self.receive(msg.data, msg.reply, record, backlog)
+                await self.path.receive(msg.data, msg.reply, record, backlog, user)
             if backlog >= YIELD_ABOVE:  # nats-py hands queued messages over without
                 self._unyielded += 1  # suspending: let its read loop run now and then when
                 if self._unyielded % YIELD_EVERY == 0:  # far behind, or nats-server cuts us off
@@ -229,47 +265,12 @@ class ServedModel:
             log.warning("%s: %d queued requests dropped at close", self.config.name, len(left))
         self.executor.close()
 
-    # --- the request path -----------------------------------------------------------------------
+    # --- large requests, received in chunks ----------------------------------------------------
 
-    async def receive(
-        self, data: bytes | bytearray, reply: str, record: EndpointRecord, backlog: int = 0
-    ) -> None:
-        """Admit one request body (a message's, or one assembled from a transfer) and compute
-        it now or queue it; or answer its error at once.
-
-        ``backlog`` is how many messages wait behind this one: under load, messages queue up
-        and batches form."""
-        received_ns = time.perf_counter_ns()
-        replier = self.replier
-        try:
-            work = await self.admission.admit(data, reply, record, received_ns)
-            direct = self._direct and not backlog and not self.queue
-            if not direct:
-                self.queue.submit(work, rows=work.rows, key=work.key)
-        except Exception as exc:  # every request gets an answer, whatever went wrong
-            await replier.reply_error(reply, record, received_ns, exc)
-            return
-        replier.expect()
-        if direct:
-            self.stats.queued(0)
-            (outcome,) = await self.executor.execute(0, [work], replier.encode)
-            await replier.reply(work, outcome)
-
-    async def _consume(self, instance: int) -> None:
-        """One engine instance's loop: take a batch, execute it, answer each request."""
-        replier = self.replier
-        while True:
-            batch = await self.queue.next_batch()
-            works = self._dequeued(batch)
-            outcomes = await self.executor.execute(instance, works, replier.encode)
-            for work, outcome in zip(works, outcomes, strict=True):
-                await replier.reply(work, outcome)
-
-    def _dequeued(self, batch: list[Pending[Work]]) -> list[Work]:
-        now = time.monotonic()
-        for item in batch:
-            self.stats.queued(int((now - item.enqueued) * 1e9))
-        return [item.payload for item in batch]
+    async def receive(self, data: bytearray, reply: str, record: EndpointRecord, user: str = ""
+                      ) -> None:  # fmt: skip
+        """Admit a body assembled from a transfer (see ``RequestPath.receive``)."""
+        await self.path.receive(data, reply, record, 0, user)
 
     async def _accept_transfer(self, msg: Msg, record: EndpointRecord) -> None:
         """An offer of a request too large for one message: receive it, then admit it."""
@@ -278,8 +279,8 @@ class ServedModel:
                 self.replier.nats,
                 msg,
                 self.config.max_request_bytes,
-                needs_reply=True,
                 budget=self._transfer_budget,
+                owner=requester_account(msg.headers),
             )
         except RequestError as exc:  # already answered to the sender
             self.stats.request_done(exc.code)
@@ -293,4 +294,7 @@ class ServedModel:
             log.warning("%s: %s", self.config.name, exc)
             self.stats.request_done(exc.code)
             return
-        await self.receive(body, receiver.offer.reply, record)
+        if reply_subject_problem(receiver.reply):  # the commit's: answering could harm the bus
+            self.stats.dropped()
+            return  # below: the user is the offer's account, the one a large reply serves
+        await self.receive(body, receiver.reply, record, receiver.owner or "")

@@ -3,14 +3,18 @@
 The JSON shapes are nats.micro's own dataclasses, so any NATS tool reads them. The endpoint
 subscriptions are the worker's, not nats.micro's: nats.micro's stop() unsubscribes, which drops
 requests already delivered, while a draining worker must answer every one of them.
+
+On a shared bus a ``Viewer`` (from the worker's tenancy) decides, per requester, which
+endpoints INFO and STATS show: users discover only the models granted to them, and see only
+their own usage.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from nats.aio.client import Client as NatsClient
@@ -36,7 +40,8 @@ class EndpointRecord:
     subject: str
     queue_group: str
     metadata: dict[str, str]
-    data: Callable[[], dict[str, Any]] | None = None
+    #: the endpoint's STATS data for a viewer (None: everything, on a single-tenant worker)
+    data: Callable[[str | None], dict[str, Any]] | None = None
     num_requests: int = 0
     num_errors: int = 0
     processing_time_ns: int = 0
@@ -49,7 +54,11 @@ class EndpointRecord:
             self.num_errors += 1
             self.last_error = error
 
-    def stats(self) -> EndpointStats:
+    @property
+    def model(self) -> str:
+        return self.metadata.get("model", "")
+
+    def stats(self, viewer: str | None = None) -> EndpointStats:
         average = self.processing_time_ns // self.num_requests if self.num_requests else 0
         return EndpointStats(
             name=self.name,
@@ -60,8 +69,16 @@ class EndpointRecord:
             processing_time=self.processing_time_ns,
             average_processing_time=average,
             last_error=self.last_error,
-            data=self.data() if self.data else None,
+            data=self.data(viewer) if self.data else None,
         )
+
+
+class Viewer(Protocol):
+    """Who asks (from the request's headers), and which models they may see."""
+
+    def identify(self, headers: Mapping[str, str] | None) -> str: ...
+
+    def may_see(self, viewer: str, model: str) -> bool: ...
 
 
 class MicroService:
@@ -75,8 +92,10 @@ class MicroService:
         version: str,
         description: str,
         metadata: dict[str, str],
+        viewer: Viewer | None = None,
     ) -> None:
         self.client = client
+        self.viewer = viewer
         self.name = name
         self.version = version
         self.description = description
@@ -103,12 +122,18 @@ class MicroService:
             await subscription.unsubscribe()
         self._subscriptions.clear()
 
-    def info(self) -> dict[str, Any]:
+    def _visible(self, viewer: str | None) -> list[EndpointRecord]:
+        if viewer is None or self.viewer is None:
+            return self.endpoints
+        check = self.viewer.may_see
+        return [e for e in self.endpoints if check(viewer, e.model)]
+
+    def info(self, viewer: str | None = None) -> dict[str, Any]:
         endpoints = [
             EndpointInfo(
                 name=e.name, subject=e.subject, queue_group=e.queue_group, metadata=e.metadata
             )
-            for e in self.endpoints
+            for e in self._visible(viewer)
         ]
         return ServiceInfo(
             name=self.name,
@@ -119,13 +144,13 @@ class MicroService:
             metadata=self.metadata,
         ).to_dict()
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, viewer: str | None = None) -> dict[str, Any]:
         return ServiceStats(
             name=self.name,
             id=self.id,
             version=self.version,
             started=self.started,
-            endpoints=[e.stats() for e in self.endpoints],
+            endpoints=[e.stats(viewer) for e in self._visible(viewer)],
             metadata=self.metadata,
         ).to_dict()
 
@@ -137,11 +162,14 @@ class MicroService:
     async def _ping(self, msg: Msg) -> None:
         await self._reply(msg, self.ping())
 
+    def _viewer_of(self, msg: Msg) -> str | None:
+        return None if self.viewer is None else self.viewer.identify(msg.headers)
+
     async def _info(self, msg: Msg) -> None:
-        await self._reply(msg, self.info())
+        await self._reply(msg, self.info(self._viewer_of(msg)))
 
     async def _stats(self, msg: Msg) -> None:
-        await self._reply(msg, self.stats())
+        await self._reply(msg, self.stats(self._viewer_of(msg)))
 
     async def _reply(self, msg: Msg, body: dict[str, Any]) -> None:
         if msg.reply:

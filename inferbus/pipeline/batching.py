@@ -3,6 +3,8 @@
 Requests wait in a bounded queue; an idle engine instance takes the oldest compatible ones,
 up to ``max_batch_size`` rows, after waiting at most ``max_queue_delay`` for more (or at once
 when a preferred batch size is reached). A full queue refuses with ``Overloaded`` (429).
+``Scheduler`` is the interface the worker uses; ``fair.FairBatchQueue`` implements it with a
+lane per user for shared buses.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 from inferbus.errors import Overloaded
 from inferbus.repository import ModelConfig
@@ -27,7 +29,21 @@ class Pending(Generic[T]):
     payload: T
     rows: int
     key: Hashable
+    lane: str = ""  # whose request (shared buses); "" on a single-tenant worker
     enqueued: float = field(default_factory=time.monotonic)
+
+
+class Scheduler(Protocol[T]):
+    """Where admitted requests wait for an engine instance."""
+
+    def __len__(self) -> int: ...
+
+    def submit(self, payload: T, *, rows: int, key: Hashable, lane: str = "") -> Pending[T] | None:
+        """Queue a request; a request returned was pushed out (answer it 429)."""
+
+    async def next_batch(self) -> list[Pending[T]]: ...
+
+    def take_all(self) -> list[Pending[T]]: ...
 
 
 class BatchQueue(Generic[T]):
@@ -62,12 +78,13 @@ class BatchQueue(Generic[T]):
     def __len__(self) -> int:
         return len(self._pending)
 
-    def submit(self, payload: T, *, rows: int, key: Hashable) -> None:
+    def submit(self, payload: T, *, rows: int, key: Hashable, lane: str = "") -> Pending[T] | None:
         """Queue one request, or refuse it with ``Overloaded`` when the queue is full."""
         if len(self._pending) >= self.max_queue_size:
             raise Overloaded(f"queue full ({self.max_queue_size} requests waiting); retry later")
-        self._pending.append(Pending(payload, rows, key))
+        self._pending.append(Pending(payload, rows, key, lane))
         self._arrived.set()
+        return None
 
     async def next_batch(self) -> list[Pending[T]]:
         """Wait for work, then return the next batch (one request at least)."""

@@ -148,7 +148,9 @@ class Directory:
         ]
         if not found:
             subject = infer_subject(model, version)
-            raise ModelNotFound(f"no worker serves {subject}", model=model)
+            # On a shared bus discovery lists only the models granted to the caller.
+            raise ModelNotFound(f"no worker serves {subject} (or it is not granted to you)",
+                                model=model)  # fmt: skip
         self._described[key] = (found[-1], time.monotonic())
         return found[-1]
 

@@ -34,7 +34,9 @@ class RetryPolicy:
     worker that died, or dropped the request while overloaded) are tried again for as long as
     the budget lasts; a 503 and "no responders" at most ``max_attempts`` times in all, the
     latter only during ``not_found_grace_s`` (a worker restarting), so a model nobody serves
-    still fails fast. Waits grow from ``backoff_s`` to ``max_backoff_s``, jittered.
+    still fails fast. Waits grow from ``backoff_s`` to ``max_backoff_s``, jittered; a 429
+    that says when to come back (a quota's ``retry_after_ms``) is tried again no sooner, and
+    not at all when that is past the budget.
     """
 
     max_attempts: int = 3
@@ -92,7 +94,7 @@ class RetryPolicy:
                 return await attempt(number)
             except RequestError as exc:
                 now = time.monotonic()
-                wait = self.delay(number)
+                wait = max(self.delay(number), exc.retry_after_s or 0.0)
                 if now + wait >= deadline or not self.should_retry(exc, number, now - started):
                     raise
                 log.info("%s: attempt %d failed (%s); retrying in %.0f ms", label, number, exc,

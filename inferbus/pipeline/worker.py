@@ -14,6 +14,7 @@ import signal
 import socket
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from nats.aio.client import Client as NatsClient
 
@@ -23,6 +24,7 @@ from inferbus.pipeline._lifecycle import AsyncResource, cancel_and_wait
 from inferbus.pipeline._metrics import MetricsServer
 from inferbus.pipeline._served import ServedModel, load_served_model
 from inferbus.pipeline._service import MicroService
+from inferbus.pipeline._tenants import Tenancy
 from inferbus.pipeline.connection import (
     ConnectOptions,
     Liveness,
@@ -45,8 +47,13 @@ class Worker(AsyncResource):
         options: ConnectOptions | None = None,
         *,
         metrics_port: int | None = None,
+        roster: Path | None = None,
     ) -> None:
+        """``roster``: serve a shared bus (docs/SECURITY.md): identify users by their NATS
+        account, enforce the roster's grants and quotas, queue users fairly. The file is
+        re-read when it changes."""
         self.configs = list(configs)
+        self.tenancy = Tenancy(roster) if roster is not None else None
         self.options = options or ConnectOptions(name="inferbus-worker")
         self.metrics_port = metrics_port
         self.metrics: MetricsServer | None = None
@@ -68,7 +75,7 @@ class Worker(AsyncResource):
     async def start(self) -> None:
         self._check_endpoint_names()
         for config in self.configs:
-            self.models.append(await load_served_model(config))
+            self.models.append(await load_served_model(config, self.tenancy))
         client = self._client = await connect_nats(self.options, self._connection_closed)
         self._liveness = Liveness(client)
         await self._liveness.start()
@@ -78,6 +85,7 @@ class Worker(AsyncResource):
             version=__version__,
             description="inferbus model end",
             metadata={"host": socket.gethostname(), "pid": str(os.getpid())},
+            viewer=self.tenancy,
         )
         await self._service.start()
         for model in self.models:
@@ -114,6 +122,8 @@ class Worker(AsyncResource):
             now = time.monotonic()
             for model in self.models:
                 await model.check_health(now)
+            if self.tenancy is not None:
+                self.tenancy.reload_if_changed()
 
     async def _connection_closed(self) -> None:
         if not self._stopping:
