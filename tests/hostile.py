@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import shutil
 import struct
 import subprocess
@@ -42,8 +43,8 @@ MIB: Final = 1 << 20
 GIB: Final = 1 << 30
 # A header block whose status line is not UTF-8: nats-py 2.16 decodes it outside any try.
 POISON_HEADERS: Final = b"NATS/1.0 \xff\xfe\r\n\r\n"
-# nats-server's max_control_line is 4096: the attacker's own PUB line must fit, the worker's
-# HPUB of a transfer offer (reply subject + its own inbox) must not.
+# nats-server's max_control_line is 4096: the attacker's own PUB line must fit; a worker must
+# refuse the subject all the same (PROTOCOL.md 14: at most 1024 bytes).
 LONG_REPLY_CHARS: Final = 4040
 ERROR_CODE: Final = "Nats-Service-Error-Code"
 READY_S: Final = 60.0  # a child worker loads onnxruntime on a busy machine
@@ -458,7 +459,7 @@ class Dripper:
     def __init__(self, nats: NatsClient, subject: str, size: int, chunk: int = 4096) -> None:
         self.nats = nats
         self.subject = subject
-        self.offer = transfer.Offer(size, chunk, MAX_TRANSFER_S, "_INBOX.hostile.drip")
+        self.offer = transfer.Offer(size, chunk, MAX_TRANSFER_S)
         self.target = ""
         self.sent = 0
 
@@ -518,19 +519,24 @@ Answer = Callable[[NatsClient, Msg], Awaitable[None]]
 
 
 def offer_answer(size: int, chunk: int = MIB) -> Answer:
-    """Answer with a transfer offer of ``size`` bytes; if the caller takes it, send the first
-    chunk (which is when a receiver allocates the whole body)."""
+    """Answer with a reply transfer offer of ``size`` bytes; if the caller fetches from it,
+    serve the first chunk (which is when a client allocates the whole body)."""
 
     async def answer(nats: NatsClient, msg: Msg) -> None:
-        offer = transfer.Offer(size, chunk, 10.0)
-        headers = {transfer.TRANSFER_HEADER: transfer.OFFER}
-        taken = await nats.request(msg.reply, offer.body(), headers=headers, timeout=5)
-        if error_code(taken) is not None:
-            return  # refused: nothing was allocated
-        part = bytes(chunk)
-        headers = {transfer.CHUNK_HEADER: f"0 {zlib.crc32(part)}"}
-        subject = transfer.transfer_json(taken.data)["subject"]
-        await nats.request(subject, part, headers=headers, timeout=5)
+        subject = f"inferbus.transfer.evil{secrets.token_hex(8)}"
+        fetches = await nats.subscribe(subject, max_msgs=1)
+        try:
+            offer = transfer.Offer(size, chunk, 10.0, subject)
+            headers = {transfer.TRANSFER_HEADER: transfer.OFFER}
+            await nats.publish(msg.reply, offer.body(), headers=headers)
+            fetch = await fetches.next_msg(timeout=5)
+            if (fetch.headers or {}).get(transfer.CHUNK_HEADER) == transfer.CANCEL:
+                return  # refused: nothing was allocated
+            part = bytes(chunk)
+            headers = {transfer.CHUNK_HEADER: f"0 {zlib.crc32(part)}"}
+            await nats.publish(fetch.reply, part, headers=headers)
+        finally:
+            await fetches.unsubscribe()
 
     return answer
 
@@ -597,15 +603,8 @@ async def answered_again(client: inferbus.Client, model: str, seconds: float) ->
 
 
 async def send_in_chunks(raw: NatsClient, subject: str, body: bytes) -> Msg:
-    """Send ``body`` as a chunked transfer (as the client does) and wait for its reply."""
-    inbox = raw.new_inbox()
-    replies: asyncio.Queue[Msg] = asyncio.Queue()
-    subscription = await raw.subscribe(inbox, cb=replies.put, max_msgs=1)
-    try:
-        await transfer.send(raw, subject, body, timeout=10, reply=inbox)
-        return await asyncio.wait_for(replies.get(), 10)
-    finally:
-        await subscription.unsubscribe()
+    """Send ``body`` as a chunked transfer (as the client does); its reply."""
+    return await transfer.send(raw, subject, body, timeout=10)
 
 
 async def capacity(raw: NatsClient, subject: str, body: bytes, seconds: float = 0.5) -> float:

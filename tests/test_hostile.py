@@ -178,31 +178,26 @@ async def test_too_long_reply_subject_is_dropped_and_the_worker_stays(
             await raw.close()
 
 
-async def test_too_long_reply_subject_in_a_transfer_offer(
+async def test_too_long_reply_subject_in_a_transfer_commit(
     small_bus: inferbus.EmbeddedServer,
 ) -> None:
-    """The same subject as the reply of a request sent in chunks: refused or dropped, never
-    answered, and the worker stays."""
+    """The same subject as the reply of a request sent in chunks (its commit's reply subject):
+    dropped and counted, never answered, and the worker stays."""
     victim = worker(small_bus.url, config("add_v1"), config("blob"))
     body = encode_request(InferRequest("long", {"x": np.zeros((100, 1024), dtype=np.uint8)}))
     async with victim, inferbus.connect(small_bus.url) as client:
         raw = await nats.connect(small_bus.url)
         try:
             before = await dropped_count(raw, "blob")
-            refused = 0
-            try:
-                await transfer.send(
-                    raw, "inferbus.infer.blob", body, timeout=3, reply=long_reply_subject()
-                )
-            except inferbus.RequestError as exc:  # refusing the offer is fine too
-                refused = exc.code
-            dropped = await drops_after(raw, "blob", before) if not refused else before
+            target = await transfer.upload(raw, "inferbus.infer.blob", body, timeout=3)
+            # 4000 characters: the HPUB line, with the transfer subject, must fit in 4096.
+            commit = {transfer.CHUNK_HEADER: transfer.COMMIT}
+            await raw.publish(target, b"", reply=long_reply_subject(4000), headers=commit)
+            dropped = await drops_after(raw, "blob", before)
             took = await answered_again(client, "add", 3.0)
             assert took is not None, "the worker stopped serving after one long reply subject"
             assert victim.ready
-            assert 400 <= refused < 500 or dropped > before, (
-                f"neither refused (code {refused}) nor counted as dropped ({dropped})"
-            )
+            assert dropped > before, f"the commit was not counted as dropped ({dropped})"
         finally:
             await raw.close()
 

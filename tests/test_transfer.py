@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import signal
 import urllib.request
+import zlib
 from collections.abc import AsyncIterator, Iterator
 
 import nats
@@ -15,9 +16,10 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
 
 import inferbus
-from inferbus.codecs import InferRequest, encode_request
+from inferbus.codecs import InferRequest, decode_response, encode_request
 from inferbus.natsserver import free_port
 from inferbus.pipeline import transfer
 from inferbus.pipeline.connection import ConnectOptions
@@ -129,15 +131,21 @@ async def raw_small(small_server: inferbus.EmbeddedServer) -> AsyncIterator[Nats
     await connection.close()
 
 
-def offer_body(size: int, chunk: int, timeout_s: float, reply: str = "") -> bytes:
-    return transfer.Offer(size, chunk, timeout_s, reply).body()
+def offer_body(size: int, chunk: int, timeout_s: float, **extra: object) -> bytes:
+    """A request's transfer offer; ``extra`` fields added to its JSON as they are."""
+    offer = transfer.Offer(size, chunk, timeout_s)
+    if not extra:
+        return offer.body()
+    fields = {**transfer.transfer_json(offer.body()), **extra}
+    json = orjson.dumps({"transfer": fields})
+    return len(json).to_bytes(4, "little") + json
 
 
 @pytest.mark.usefixtures("big_worker")
 async def test_a_corrupt_chunk_is_refused(raw_small: NatsClient) -> None:
     headers = {transfer.TRANSFER_HEADER: transfer.OFFER}
     answer = await raw_small.request(
-        "inferbus.infer.big", offer_body(10, 10, 5.0, "nowhere"), headers=headers, timeout=5
+        "inferbus.infer.big", offer_body(10, 10, 5.0), headers=headers, timeout=5
     )
     subject = transfer.transfer_json(answer.data)["subject"]
     ack = await raw_small.request(
@@ -155,7 +163,7 @@ async def test_an_abandoned_transfer_is_freed(
     body = encode_request(InferRequest("x", blob(2)))
     answer = await raw_small.request(
         "inferbus.infer.big",
-        offer_body(len(body), 64 * 1024, 0.3, "nowhere"),
+        offer_body(len(body), 64 * 1024, 0.3),
         headers=headers,
         timeout=5,
     )
@@ -198,20 +206,179 @@ async def test_worker_killed_midway_fails_fast_and_leaks_nothing(
 
 @pytest.mark.usefixtures("big_worker")
 @pytest.mark.parametrize(
-    ("size", "chunk", "reply", "message"),
+    ("size", "chunk", "extra", "message"),
     [
-        (1 << 20, 16, "inbox", "at least 4096 bytes"),
-        (1 << 20, 1 << 16, "", "must name its reply subject"),
+        (1 << 20, 16, {}, "at least 4096 bytes"),
+        # The protocol before commits: refused at once, not abandoned after a timeout.
+        (1 << 20, 1 << 16, {"reply": "_INBOX.x.y"}, "takes a commit instead"),
     ],
 )
 async def test_unusable_offers_are_refused(
-    raw_small: NatsClient, size: int, chunk: int, reply: str, message: str
+    raw_small: NatsClient, size: int, chunk: int, extra: dict[str, object], message: str
 ) -> None:
     headers = {transfer.TRANSFER_HEADER: transfer.OFFER}
     answer = await raw_small.request(
-        "inferbus.infer.big", offer_body(size, chunk, 5.0, reply), headers=headers, timeout=5
+        "inferbus.infer.big", offer_body(size, chunk, 5.0, **extra), headers=headers, timeout=5
     )
     assert answer.headers is not None
     assert answer.headers["Nats-Service-Error-Code"] == "400"
     assert message in answer.headers["Nats-Service-Error"]
     assert transfer.Receiver.active == 0
+
+
+# --- the commit, and replies fetched chunk by chunk (PROTOCOL.md 13.1, 13.2) ---------------------
+
+COMMIT = {transfer.CHUNK_HEADER: transfer.COMMIT}
+
+
+def chunk_headers(index: int, part: bytes) -> dict[str, str]:
+    return {transfer.CHUNK_HEADER: f"{index} {zlib.crc32(part)}"}
+
+
+async def open_transfer(raw: NatsClient, size: int, chunk: int) -> str:
+    """Offer a request transfer to ``big`` by hand; the transfer subject it was given."""
+    headers = {transfer.TRANSFER_HEADER: transfer.OFFER}
+    answer = await raw.request(
+        "inferbus.infer.big", offer_body(size, chunk, 10.0), headers=headers, timeout=5
+    )
+    assert not answer.headers, answer.headers
+    subject = str(transfer.transfer_json(answer.data)["subject"])
+    assert subject.startswith("inferbus.transfer.")
+    return subject
+
+
+def zeros_request(mib: float, *, timeout_s: float | None = None) -> bytes:
+    """A request of a few hundred bytes (zstd) whose identity reply is ``mib`` MiB."""
+    x = np.zeros((int(mib * 1024), 1024), dtype=np.uint8)
+    timeout_us = None if timeout_s is None else int(timeout_s * 1e6)
+    return encode_request(InferRequest("zeros", {"x": x}, timeout_us=timeout_us), "zstd")
+
+
+async def reply_offer(raw: NatsClient, body: bytes) -> Msg:
+    """Send a one-message request whose reply is a transfer offer; the offer."""
+    offer = await raw.request("inferbus.infer.big", body, timeout=10)
+    assert transfer.is_offer(offer), offer.headers
+    return offer
+
+
+def errors_of(worker: inferbus.Worker) -> dict[str, int]:
+    (model,) = worker.models
+    errors: dict[str, int] = model.stats_data()["errors_by_code"]
+    return errors
+
+
+async def test_a_commit_before_every_chunk_is_refused(
+    big_worker: inferbus.Worker, raw_small: NatsClient
+) -> None:
+    part = bytes(4096)
+    subject = await open_transfer(raw_small, 2 * len(part), len(part))
+    ack = await raw_small.request(subject, part, headers=chunk_headers(0, part), timeout=5)
+    assert not ack.headers
+    assert ack.data == b""
+    answer = await raw_small.request(subject, b"", headers=COMMIT, timeout=5)
+    assert answer.headers is not None
+    assert answer.headers["Nats-Service-Error-Code"] == "400"
+    assert "commit with 1 of 2 chunks missing" in answer.headers["Nats-Service-Error"]
+    await eventually(lambda: transfer.Receiver.active == 0, "the transfer was freed")
+    assert errors_of(big_worker) == {"400": 1}
+
+
+@pytest.mark.usefixtures("big_worker")
+async def test_a_commit_is_answered_with_the_reply(raw_small: NatsClient) -> None:
+    """By hand, as a client in another language would: offer, chunks, commit; the commit's
+    answer is the response (here an offer to fetch it: it is as large as the request)."""
+    inputs = blob(1.5)
+    body = encode_request(InferRequest("by-hand", inputs))
+    chunk = ONE_MB - 4096  # as the client cuts it for this server
+    subject = await open_transfer(raw_small, len(body), chunk)
+    for index in range(-(-len(body) // chunk)):
+        part = body[index * chunk : (index + 1) * chunk]
+        ack = await raw_small.request(subject, part, headers=chunk_headers(index, part), timeout=5)
+        assert not ack.headers
+        assert ack.data == b""
+    answer = await raw_small.request(subject, b"", headers=COMMIT, timeout=10)
+    assert transfer.is_offer(answer), answer.headers
+    reply = await transfer.fetch(raw_small, answer, 64 * ONE_MB, timeout=10)
+    np.testing.assert_array_equal(decode_response(reply).outputs["y"], inputs["x"])
+    assert transfer.Receiver.active == 0
+
+
+async def test_a_reply_is_fetched_chunk_by_chunk_and_then_freed(
+    big_worker: inferbus.Worker, raw_small: NatsClient
+) -> None:
+    offer_msg = await reply_offer(raw_small, zeros_request(2.5))
+    offer = transfer.Offer.parse(offer_msg.data)
+    assert offer.subject.startswith("inferbus.transfer.")
+    assert offer.chunks == 3
+    assert offer_msg.reply == ""  # the offer is the one reply; it asks for nothing back
+    assert transfer.ReplyServer.active == 1
+    body = await transfer.fetch(raw_small, offer_msg, 64 * ONE_MB, timeout=10)
+    response = decode_response(body)
+    assert response.id == "zeros"
+    assert response.outputs["y"].shape == (2560, 1024)
+    await eventually(lambda: transfer.ReplyServer.active == 0, "the reply was freed")
+    (model,) = big_worker.models
+    await model.replier.nats.flush()  # its UNSUB has reached the server
+    with pytest.raises(NoRespondersError):  # every chunk was fetched: the subject is gone
+        await raw_small.request(offer.subject, b"", headers={transfer.CHUNK_HEADER: "0"})
+    assert errors_of(big_worker) == {}
+
+
+@pytest.mark.usefixtures("big_worker")
+@pytest.mark.parametrize(
+    ("fetch", "message"),
+    [("3", "chunk 3 is past the last one (2)"), ("one", "fetch lacks a valid Inferbus-Chunk")],
+)
+async def test_a_bad_fetch_is_refused_and_ends_the_reply(
+    raw_small: NatsClient, fetch: str, message: str
+) -> None:
+    offer = transfer.Offer.parse((await reply_offer(raw_small, zeros_request(2.5))).data)
+    headers = {transfer.CHUNK_HEADER: fetch}
+    answer = await raw_small.request(offer.subject, b"", headers=headers, timeout=5)
+    assert answer.headers is not None
+    assert answer.headers["Nats-Service-Error-Code"] == "400"
+    assert message in answer.headers["Nats-Service-Error"]
+    await eventually(lambda: transfer.ReplyServer.active == 0, "the reply was freed")
+
+
+async def test_a_reply_too_large_for_the_client_is_cancelled_at_once(
+    small_server: inferbus.EmbeddedServer, big_worker: inferbus.Worker
+) -> None:
+    async with inferbus.connect(small_server.url, max_reply_bytes=ONE_MB) as client:
+        with pytest.raises(inferbus.PayloadTooLarge, match="exceeds the limit"):
+            await client.infer("big", {"x": np.zeros((2048, 1024), np.uint8)}, codec="zstd")
+    # Freed by the client's cancel, well before the worker's 10 s without a fetch.
+    await eventually(lambda: transfer.ReplyServer.active == 0, "the reply was freed", tries=250)
+    assert errors_of(big_worker) == {"413": 1}
+
+
+async def test_a_reply_nobody_fetches_is_freed(
+    big_worker: inferbus.Worker, raw_small: NatsClient
+) -> None:
+    await reply_offer(raw_small, zeros_request(2.5, timeout_s=0.5))  # kept for at least 1 s
+    assert transfer.ReplyServer.active == 1
+    await eventually(lambda: transfer.ReplyServer.active == 0, "the reply was freed", tries=250)
+    assert errors_of(big_worker) == {"504": 1}
+
+
+async def test_a_corrupt_reply_chunk_is_refused_by_the_client(
+    small_server: inferbus.EmbeddedServer, raw_small: NatsClient
+) -> None:
+    """A fake worker whose reply's chunk does not match its checksum."""
+    part = bytes(8192)
+    subject = "inferbus.transfer.corrupt"
+
+    async def serve_chunk(msg: Msg) -> None:
+        await raw_small.publish(msg.reply, part, headers={transfer.CHUNK_HEADER: "0 1"})
+
+    async def offer_reply(msg: Msg) -> None:
+        offer = transfer.Offer(len(part), len(part), 5.0, subject)
+        headers = {transfer.TRANSFER_HEADER: transfer.OFFER}
+        await raw_small.publish(msg.reply, offer.body(), headers=headers)
+
+    await raw_small.subscribe(subject, cb=serve_chunk)
+    await raw_small.subscribe("inferbus.infer.fake", cb=offer_reply)
+    await raw_small.flush()
+    async with inferbus.connect(small_server.url) as client:
+        with pytest.raises(inferbus.EngineFailure, match="chunk 0 fails its checksum"):
+            await client.infer("fake", {"x": np.zeros((1, 4), np.float32)}, timeout=5)

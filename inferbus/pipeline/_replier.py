@@ -134,8 +134,8 @@ class Replier:
         budget = REPLY_TRANSFER_S
         if work.deadline is not None:
             budget = max(work.deadline - time.monotonic(), 1.0)
-        server = ReplyServer(self.nats, body, timeout_s=budget, owner=work.user or None)
         try:
+            server = ReplyServer(self.nats, body, timeout_s=budget, owner=work.user or None)
             await server.offer_to(work.reply)
         except Exception as exc:  # as _publish: logged, never raised
             log.warning("%s: could not offer a reply to %r: %s", self.config.name, work.reply, exc)

@@ -1,7 +1,7 @@
 """The client's transport: one request body out, one reply body back.
 
 ``exchange`` sends a body as one message when it fits the server's max_payload and as a
-chunked transfer when it does not, receives a reply that arrives as a transfer offer, and
+chunked transfer when it does not, fetches a reply that arrives as a transfer offer, and
 turns error replies and NATS errors into ``RequestError`` — the client above it never sees a
 NATS message.
 """
@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 
 from inferbus.contract import error_from_reply
-from inferbus.errors import BadInput, DeadlineExceeded, PayloadTooLarge
+from inferbus.errors import BadInput
 from inferbus.pipeline import transfer
 from inferbus.pipeline.connection import ConnectOptions, Liveness, connect_nats
 from inferbus.pipeline.nats_errors import nats_errors
@@ -66,9 +65,10 @@ class Transport:
 
         ``timeout`` bounds the wait for the reply to begin; a reply that comes as a transfer
         may take up to ``reply_within`` seconds from now, if that is longer."""
-        deadline = asyncio.get_running_loop().time() + max(timeout, reply_within)
-        if len(body) > self.nats.max_payload:
-            reply = await self._send_large(subject, body, timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout, reply_within)
+        if len(body) > self.nats.max_payload:  # in chunks; the commit's answer is the reply
+            reply = await transfer.send(self.nats, subject, body, timeout=timeout)
         else:
             with nats_errors(subject, timeout):
                 reply = await self.nats.request(subject, body, timeout=timeout)
@@ -76,32 +76,8 @@ class Transport:
         if error is not None:
             raise error
         if transfer.is_offer(reply):  # the reply itself is too large for one message
-            return await self._receive(reply, deadline)
+            left = max(deadline - loop.time(), 0.001)
+            return await transfer.fetch(
+                self.nats, reply, self.limits.max_bytes, timeout=left, budget=self._replies
+            )
         return reply.data
-
-    async def _send_large(self, subject: str, body: bytes, timeout: float) -> Msg:
-        """Send a body above max_payload in chunks; the reply comes to a private inbox."""
-        inbox = self.nats.new_inbox()
-        replies: asyncio.Queue[Msg] = asyncio.Queue()
-        subscription = await self.nats.subscribe(inbox, cb=replies.put, max_msgs=1)
-        try:
-            started = asyncio.get_running_loop().time()
-            await transfer.send(self.nats, subject, body, timeout=timeout, reply=inbox)
-            left = timeout - (asyncio.get_running_loop().time() - started)
-            try:
-                return await asyncio.wait_for(replies.get(), max(left, 0.001))
-            except TimeoutError:
-                raise DeadlineExceeded(f"no reply within {timeout:g}s") from None
-        finally:
-            if not self.nats.is_closed:
-                await subscription.unsubscribe()
-
-    async def _receive(self, offer: Msg, deadline: float) -> bytearray:
-        receiver = await transfer.Receiver.accept(
-            self.nats, offer, self.limits.max_bytes, budget=self._replies, too_much=PayloadTooLarge
-        )
-        left = deadline - asyncio.get_running_loop().time()
-        try:
-            return await asyncio.wait_for(receiver.wait(), max(left, 0.001))
-        except TimeoutError:
-            raise DeadlineExceeded(f"the reply did not arrive within {left:g}s") from None
