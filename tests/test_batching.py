@@ -22,7 +22,7 @@ from tests.conftest import eventually
 def stats_of(worker: inferbus.Worker, endpoint: str) -> dict[str, object]:
     record = next(e for e in worker.service.endpoints if e.name == endpoint)
     assert record.data is not None
-    return record.data()
+    return record.data(None)
 
 
 async def test_queue_batches_compatible_requests_up_to_the_limit() -> None:

@@ -17,7 +17,7 @@ import pytest
 
 import inferbus
 from inferbus.contract import service_subject
-from inferbus.pipeline._tenants import ADMIN, Tenancy
+from inferbus.pipeline.policy import ADMIN, Tenancy
 from tests.conftest import TEST_MODELS
 
 ROSTER = """

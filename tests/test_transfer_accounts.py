@@ -141,20 +141,7 @@ async def test_another_account_cannot_touch_a_request_transfer(
     assert model.stats_data()["errors_by_code"] == {}
 
 
-@pytest.mark.parametrize(
-    "request_sent_in_chunks",
-    [
-        True,
-        pytest.param(
-            False,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="ServedModel.on_message leaves Work.user empty without a roster: the "
-                "lead sets it from Nats-Request-Info (see the transfer report)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("request_sent_in_chunks", [True, False])
 async def test_another_account_cannot_fetch_a_reply(
     alice: NatsClient, bob: NatsClient, big_worker: inferbus.Worker, request_sent_in_chunks: bool
 ) -> None:

@@ -25,9 +25,9 @@ from inferbus.errors import DeadlineExceeded, EngineFailure, RequestError
 from inferbus.pipeline._admission import Work, is_batched
 from inferbus.pipeline._health import Health
 from inferbus.pipeline._stats import ModelStats
-from inferbus.pipeline._tenants import UserUsage
 from inferbus.pipeline._threads import run_in_thread
 from inferbus.pipeline.mapping import unpack
+from inferbus.pipeline.policy import UserUsage
 
 # A hop to a thread and back costs ~160 µs here (DESIGN.md): engines faster than this run inline.
 INLINE_BELOW_S: Final = 200e-6

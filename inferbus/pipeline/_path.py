@@ -15,8 +15,9 @@ from inferbus.pipeline._executor import Executor
 from inferbus.pipeline._replier import Replier
 from inferbus.pipeline._service import EndpointRecord
 from inferbus.pipeline._stats import ModelStats
-from inferbus.pipeline._tenants import Tenancy, UserUsage
 from inferbus.pipeline.batching import Pending, Scheduler
+from inferbus.pipeline.fair import FairBatchQueue
+from inferbus.pipeline.policy import Tenancy, UserUsage
 
 
 class RequestPath:
@@ -45,10 +46,13 @@ class RequestPath:
 
     async def refused(self, user: str, model: str, reply: str, record: EndpointRecord) -> bool:
         """On a shared bus, before decoding: refuse (and answer) a request its sender may not
-        make now, 403 or a quota's 429."""
+        make now: 403, a quota's 429, or a 429 when the sender's lane already holds its share
+        of the queue (undecoded, so a flood costs the worker little)."""
         assert self.tenancy is not None
         try:
             self.tenancy.admit(user, model)
+            if isinstance(self.queue, FairBatchQueue) and self.queue.lane_full(user):
+                raise Overloaded("your requests already fill your share of this model's queue")
         except RequestError as exc:
             self.usage.refused(user)
             await self.replier.reply_error(reply, record, time.perf_counter_ns(), exc)

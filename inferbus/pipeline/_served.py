@@ -36,11 +36,11 @@ from inferbus.pipeline._path import RequestPath
 from inferbus.pipeline._replier import Replier
 from inferbus.pipeline._service import EndpointRecord, MicroService
 from inferbus.pipeline._stats import ModelStats
-from inferbus.pipeline._tenants import Tenancy, UserUsage
 from inferbus.pipeline._threads import run_in_thread
 from inferbus.pipeline.batching import BatchQueue, Scheduler
 from inferbus.pipeline.connection import confirm_subscriptions
 from inferbus.pipeline.fair import FairBatchQueue
+from inferbus.pipeline.policy import Tenancy, UserUsage
 from inferbus.pipeline.transfer import Receiver, TransferBudget, is_offer
 from inferbus.repository import ModelConfig
 
@@ -180,11 +180,10 @@ class ServedModel:
             if reply_subject_problem(msg.reply):  # answering could harm the bus or us
                 self.stats.dropped()
                 return
-            user = ""
-            if self.tenancy is not None:  # a shared bus: who asks, and may they, now?
-                user = self.tenancy.identify(msg.headers)
-                if await self.path.refused(user, self.config.name, msg.reply, record):
-                    return
+            user = requester_account(msg.headers) or ""  # on a shared bus, the server's word
+            roster = self.tenancy is not None  # then: may they ask, now?
+            if roster and await self.path.refused(user, self.config.name, msg.reply, record):
+                return
             if is_offer(msg):
                 await self._accept_transfer(msg, record)
                 return

@@ -93,7 +93,7 @@ class BatchQueue(Generic[T]):
                 self._arrived.clear()
                 await self._arrived.wait()
             deadline = self._pending[0].enqueued + self.max_queue_delay_s
-            while not self._ready() and (wait := deadline - time.monotonic()) > 0:
+            while (wait := deadline - time.monotonic()) > 0 and not self._ready():
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), wait)

@@ -9,7 +9,8 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final
+from pathlib import Path
+from typing import Any, Final
 
 from nats import errors as nats_error_types
 from nats.aio.client import Client as NatsClient
@@ -18,9 +19,16 @@ from nats.aio.msg import Msg
 from inferbus.errors import ConnectionFailed, Unavailable
 from inferbus.pipeline._lifecycle import cancel_and_wait
 from inferbus.pipeline.nats_errors import nats_errors
+from inferbus.tenancy.connection_file import (
+    ConnectionFile,
+    check_seed_file,
+    read_connection_file,
+)
 
 SERVERS_ENV: Final = "INFERBUS_SERVERS"
 CREDS_ENV: Final = "INFERBUS_CREDS"
+NKEY_ENV: Final = "INFERBUS_NKEY"
+CONNECTION_ENV: Final = "INFERBUS_CONNECTION"
 DEFAULT_SERVERS: Final = "nats://127.0.0.1:4222"
 # Tensors are large: the 2 MiB default would drop a single image batch during a reconnect.
 PENDING_SIZE: Final = 64 * 1024 * 1024
@@ -30,8 +38,27 @@ log = logging.getLogger("inferbus")
 
 
 def default_servers() -> list[str]:
-    """``$INFERBUS_SERVERS`` (comma-separated) or the embedded server's address."""
-    return split_servers(os.environ.get(SERVERS_ENV) or DEFAULT_SERVERS)
+    """``$INFERBUS_SERVERS`` (comma-separated), the servers of ``$INFERBUS_CONNECTION``, or the
+    embedded server's address."""
+    if os.environ.get(SERVERS_ENV):
+        return split_servers(os.environ[SERVERS_ENV])
+    handed = _connection_from_env()
+    return list(handed.servers) if handed is not None else [DEFAULT_SERVERS]
+
+
+def _connection_from_env() -> ConnectionFile | None:
+    path = os.environ.get(CONNECTION_ENV)
+    return read_connection_file(Path(path)) if path else None
+
+
+def _seed_from_env() -> str | None:
+    handed = _connection_from_env()
+    return handed.nkey_seed if handed is not None else None
+
+
+def _tls_ca_from_env() -> str | None:
+    handed = _connection_from_env()
+    return handed.tls_ca if handed is not None else None
 
 
 def split_servers(servers: str | list[str]) -> list[str]:
@@ -44,18 +71,46 @@ def split_servers(servers: str | list[str]) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class ConnectOptions:
-    """How to reach NATS. URLs may carry ``user:password@`` or a token; ``creds`` is a
-    NATS credentials file; ``tls_*`` configure TLS (``tls://`` URLs use it too)."""
+    """How to reach NATS, and who we are there.
+
+    Who: the first given of ``creds``, a NATS credentials file (default ``$INFERBUS_CREDS``);
+    ``nkey``, a file holding an nkey seed (default ``$INFERBUS_NKEY``); ``nkey_seed``, the
+    seed itself, as a connection file from ``inferbus roster apply`` carries it (``from_file``;
+    default: that of the file ``$INFERBUS_CONNECTION`` names, whose servers and CA are then the
+    defaults too). URLs may also carry ``user:password@`` or a token. ``tls_*`` configure TLS
+    (``tls://`` URLs use it too)."""
 
     servers: list[str] = field(default_factory=default_servers)
     name: str = "inferbus"
     creds: str | None = field(default_factory=lambda: os.environ.get(CREDS_ENV))
-    tls_ca: str | None = None
+    nkey: str | None = field(default_factory=lambda: os.environ.get(NKEY_ENV))
+    nkey_seed: str | None = field(default_factory=_seed_from_env, repr=False)
+    tls_ca: str | None = field(default_factory=_tls_ca_from_env)
     tls_cert: str | None = None
     tls_key: str | None = None
     connect_timeout: int = 2  # seconds; nats-py takes whole seconds
     #: try servers in the given order (True shuffles them, spreading load over a cluster)
     randomize: bool = True
+
+    @classmethod
+    def from_file(cls, path: str | Path, **settings: Any) -> ConnectOptions:
+        """Options from a connection file (``inferbus roster apply`` writes one per identity);
+        ``settings`` (``name=``, ``servers=`` ...) override or add to what it says."""
+        handed = read_connection_file(Path(path))
+        values: dict[str, Any] = {"servers": list(handed.servers), "nkey_seed": handed.nkey_seed}
+        values |= {"creds": None, "nkey": None, "tls_ca": handed.tls_ca}
+        return cls(**(values | settings))
+
+    def identity(self) -> dict[str, Any]:
+        """nats-py's ``connect`` arguments for the one identity these options use."""
+        if self.creds:
+            return {"user_credentials": self.creds}
+        if self.nkey:
+            check_seed_file(Path(self.nkey))
+            return {"nkeys_seed": self.nkey}
+        if self.nkey_seed:
+            return {"nkeys_seed_str": self.nkey_seed}
+        return {}
 
     def tls_context(self) -> ssl.SSLContext | None:
         if not (self.tls_ca or self.tls_cert):
@@ -100,6 +155,15 @@ async def _log_reconnect() -> None:
     log.info("NATS: reconnected")
 
 
+def _explanation(errors: list[Exception]) -> str:
+    """Why connecting failed: a refused identity, if a server said so (the connection reset
+    that follows would hide it), else the last error."""
+    refusals = [e for e in errors if "authorization violation" in str(e).lower()]
+    if refusals:
+        return f"{refusals[-1]} (the server does not accept this identity)"
+    return str(errors[-1]) if errors else "no answer in time"
+
+
 async def connect_nats(
     options: ConnectOptions, on_closed: Callable[[], Awaitable[None]] | None = None
 ) -> NatsClient:
@@ -107,13 +171,13 @@ async def connect_nats(
 
     ``on_closed`` runs if the connection closes for good (e.g. the server refused it)."""
     client = NatsClient()
-    errors: list[Exception] = []  # while connecting only: the last one explains a failure
+    errors: list[Exception] = []  # while connecting only: they explain a failure
     hopeless = asyncio.Event()  # a certificate that does not verify will not verify next time
     drops = _DropLog()
 
     async def remember(exc: Exception) -> None:
         if not client.is_connected:
-            errors[:] = [exc]
+            errors.append(exc)
         if isinstance(exc, ssl.SSLCertVerificationError):
             hopeless.set()
         await _log_error(exc, drops)
@@ -121,7 +185,6 @@ async def connect_nats(
     attempt = client.connect(
         servers=options.servers,
         name=options.name,
-        user_credentials=options.creds,
         tls=options.tls_context(),
         connect_timeout=options.connect_timeout,
         dont_randomize=not options.randomize,
@@ -134,6 +197,7 @@ async def connect_nats(
         disconnected_cb=_log_disconnect,
         reconnected_cb=_log_reconnect,
         closed_cb=on_closed,
+        **options.identity(),
     )
     # nats-py can hang after a failed TLS handshake instead of trying the next server.
     limit = (options.connect_timeout + 0.5) * (INITIAL_ATTEMPTS + 1) * len(options.servers)
@@ -145,7 +209,7 @@ async def connect_nats(
         connecting.cancel()
         await asyncio.gather(connecting, return_exceptions=True)
         await client.close()
-        cause = errors[-1] if errors else "no answer in time"
+        cause = _explanation(errors)
         servers = ", ".join(options.servers)
         raise ConnectionFailed(f"cannot reach NATS at {servers}: {cause}")
     # nats-py reads this option on every reconnect: a live process never gives up on its cluster.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
@@ -41,6 +41,7 @@ class FairBatchQueue(Generic[T]):
         self.preferred = frozenset(preferred_batch_sizes)
         self._lanes: dict[str, deque[Pending[T]]] = {}  # only lanes with work, in turn order
         self._deficit: dict[str, int] = {}
+        self._rows_by_key: Counter[Hashable] = Counter()  # waiting rows: "ready?" in O(1)
         self._size = 0
         self._arrived = asyncio.Event()
         self._collecting = asyncio.Lock()
@@ -60,6 +61,13 @@ class FairBatchQueue(Generic[T]):
     def waiting(self, lane: str) -> int:
         return len(self._lanes.get(lane, ()))
 
+    def lane_full(self, lane: str) -> bool:
+        """Does ``lane`` hold its share of the queue: ``max_queue_size`` over the lanes
+        waiting plus one (room for a newcomer)? Such a sender is refused before decoding."""
+        waiting = self.waiting(lane)
+        others = len(self._lanes) - (1 if waiting else 0)
+        return waiting >= max(1, self.max_queue_size // (others + 2))
+
     def submit(self, payload: T, *, rows: int, key: Hashable, lane: str = "") -> Pending[T] | None:
         """Queue one request in ``lane``; returns a request pushed out to make room (the
         caller answers it 429), or raises ``Overloaded`` when this lane holds the most."""
@@ -72,12 +80,15 @@ class FairBatchQueue(Generic[T]):
                     "yours); retry later"
                 )
             pushed_out = self._lanes[heaviest].pop()
-            self._size -= 1
+            self._forget(pushed_out)
+            if not self._lanes[heaviest]:
+                del self._lanes[heaviest], self._deficit[heaviest]
         queue = self._lanes.get(lane)
         if queue is None:
             queue = self._lanes[lane] = deque()
             self._deficit[lane] = 0
         queue.append(Pending(payload, rows, key, lane))
+        self._rows_by_key[key] += rows
         self._size += 1
         self._arrived.set()
         return pushed_out
@@ -90,7 +101,7 @@ class FairBatchQueue(Generic[T]):
                 await self._arrived.wait()
             oldest = min(queue[0].enqueued for queue in self._lanes.values())
             deadline = oldest + self.max_queue_delay_s
-            while not self._ready() and (wait := deadline - time.monotonic()) > 0:
+            while (wait := deadline - time.monotonic()) > 0 and not self._ready():
                 self._arrived.clear()
                 try:
                     await asyncio.wait_for(self._arrived.wait(), wait)
@@ -99,9 +110,16 @@ class FairBatchQueue(Generic[T]):
             return self._take()
 
     def _ready(self) -> bool:
-        key = next(iter(self._lanes.values()))[0].key
-        rows = sum(p.rows for queue in self._lanes.values() for p in queue if p.key == key)
+        rows = self._rows_by_key[next(iter(self._lanes.values()))[0].key]
         return rows >= self.max_batch_size or rows in self.preferred
+
+    def _forget(self, item: Pending[T]) -> None:
+        self._size -= 1
+        left = self._rows_by_key[item.key] - item.rows
+        if left:
+            self._rows_by_key[item.key] = left
+        else:
+            del self._rows_by_key[item.key]
 
     def _take(self) -> list[Pending[T]]:
         first = next(iter(self._lanes))
@@ -124,6 +142,7 @@ class FairBatchQueue(Generic[T]):
                     if rows + queue[0].rows > self.max_batch_size:
                         break
                     item = queue.popleft()
+                    self._forget(item)
                     batch.append(item)
                     rows += item.rows
                     deficit -= item.rows
@@ -132,7 +151,6 @@ class FairBatchQueue(Generic[T]):
                     del self._lanes[lane], self._deficit[lane]
             if not eligible or rows >= self.max_batch_size:
                 break
-        self._size -= len(batch)
         if first in self._lanes:  # the opener waits behind the others next time
             self._lanes[first] = self._lanes.pop(first)
         return batch
@@ -141,5 +159,6 @@ class FairBatchQueue(Generic[T]):
         taken = [item for queue in self._lanes.values() for item in queue]
         self._lanes.clear()
         self._deficit.clear()
+        self._rows_by_key.clear()
         self._size = 0
         return taken

@@ -24,13 +24,13 @@ from inferbus.pipeline._lifecycle import AsyncResource, cancel_and_wait
 from inferbus.pipeline._metrics import MetricsServer
 from inferbus.pipeline._served import ServedModel, load_served_model
 from inferbus.pipeline._service import MicroService
-from inferbus.pipeline._tenants import Tenancy
 from inferbus.pipeline.connection import (
     ConnectOptions,
     Liveness,
     confirm_subscriptions,
     connect_nats,
 )
+from inferbus.pipeline.policy import Tenancy
 from inferbus.repository import ModelConfig
 from inferbus.version import __version__
 

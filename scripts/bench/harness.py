@@ -20,11 +20,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextlib.contextmanager
-def process(*command: str, ready: str = "ready") -> Iterator[subprocess.Popen[str]]:
-    """A child process, started and waited for until it prints ``ready``; stopped after."""
-    child = subprocess.Popen(
-        [sys.executable, *command], cwd=ROOT, stdout=subprocess.PIPE, text=True
-    )
+def process(
+    *command: str, ready: str = "ready", cwd: Path = ROOT
+) -> Iterator[subprocess.Popen[str]]:
+    """A child process, started and waited for until it prints ``ready``; stopped after.
+    ``cwd`` decides which tree's ``inferbus`` a ``-m inferbus`` child runs."""
+    child = subprocess.Popen([sys.executable, *command], cwd=cwd, stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout is not None
         for line in child.stdout:
@@ -119,7 +120,13 @@ async def throughput(call: Call, concurrency: int, seconds: float, warmup: float
 
 
 async def wait_for_models(url: str, names: set[str], workers: int = 1) -> None:
-    async with inferbus.connect(url) as client:
+    await wait_for_models_with(inferbus.ConnectOptions(servers=[url]), names, workers)
+
+
+async def wait_for_models_with(
+    options: inferbus.ConnectOptions, names: set[str], workers: int = 1
+) -> None:
+    async with inferbus.Client(options) as client:
         for _ in range(300):
             models = {m.name: len(m.workers) for m in await client.models(timeout=0.1)}
             if all(models.get(name, 0) >= workers for name in names):

@@ -21,6 +21,20 @@ class Figure:
     met: bool
 
 
+def table(figures: list[Figure]) -> str:
+    """The figures as a Markdown table."""
+    lines = [
+        "| benchmark | inferbus | baseline (same run) | ratio | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in figures:
+        met = "yes" if f.met else "**no**"
+        lines.append(
+            f"| {f.name} | {f.measured} | {f.baseline} | {f.ratio:.2f}x | {f.target} | {met} |"
+        )
+    return "\n".join(lines)
+
+
 def identity(folder: Path, elem_type: int, dims: list[int], config: str) -> Path:
     """An ONNX Identity model with a free leading dimension, and its config.toml."""
     folder.mkdir(parents=True)
