@@ -5,33 +5,45 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
 
 from inferbus.errors import InferbusError
-from inferbus.natsserver import DEFAULT_MAX_PAYLOAD, DEFAULT_PORT, EmbeddedServer
 from inferbus.pipeline.client import Client
 from inferbus.pipeline.connection import (
+    CONNECTION_ENV,
+    NKEY_ENV,
     SERVERS_ENV,
     ConnectOptions,
-    default_servers,
-    split_servers,
 )
 from inferbus.pipeline.discovery import ModelInfo
 from inferbus.pipeline.worker import Worker
 from inferbus.repository import load_repository
+from inferbus.tenancy.commands import (
+    cmd_roster,
+    open_settings,
+    roster_args,
+    roster_server,
+    server_options,
+    worker_options,
+)
+from inferbus.tenancy.live import RosterServer, follow, serve, signal_handlers
 from inferbus.version import __version__
 
 log = logging.getLogger("inferbus")
+T = TypeVar("T")
+ROSTER_ENV = "INFERBUS_ROSTER"
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})  # where an open server is safe
 
 
-def run_async(main: Coroutine[Any, Any, int]) -> int:
+def run_async(main: Coroutine[Any, Any, T]) -> T:
     """Run on uvloop where it is installed (measured faster for NATS I/O), asyncio otherwise."""
     try:
         import uvloop
@@ -41,70 +53,83 @@ def run_async(main: Coroutine[Any, Any, int]) -> int:
 
 
 def connect_options(args: argparse.Namespace, name: str) -> ConnectOptions:
-    servers = split_servers(args.servers) if args.servers else default_servers()
-    return ConnectOptions(
-        servers=servers,
-        name=name,
-        creds=args.creds,
-        tls_ca=args.tls_ca,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-    )
+    """The connection flags; those not given fall back to the environment (ConnectOptions)."""
+    return ConnectOptions.given(
+        args.servers, name=name, connection=args.connection, creds=args.creds, nkey=args.nkey,
+        tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+    )  # fmt: skip
 
 
-# --- server -----------------------------------------------------------------------------------
+# --- server / worker / up ----------------------------------------------------------------------
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    server = EmbeddedServer(
-        host=args.host, port=args.port, max_payload=args.max_payload, monitor_port=args.monitor_port
-    )
+    running = roster_server(args, monitor_port=args.monitor_port) if args.roster else None
+    server = running.server if running else open_settings(args).server("", args.monitor_port)
     with server:
         print(f"nats-server listening on {server.url} (max_payload {server.max_payload} bytes)")
         if args.monitor_port:
-            print(f"monitoring on http://{server.host}:{args.monitor_port}")
-        print("press Ctrl-C to stop", flush=True)
-        _wait_for_signal()
+            print(f"monitoring on http://{server.host}:{args.monitor_port} (no authentication)")
+        if running is not None:
+            print(f"roster {args.roster}; connection files in {running.state}")
+        elif server.host not in _LOOPBACK:
+            print(f"warning: no roster: anyone who reaches {server.url} can serve and call "
+                  "models (docs/SECURITY.md)")  # fmt: skip
+        ready = "; the roster is applied again when it changes or on SIGHUP" if running else ""
+        run_async(serve(running, lambda: print(f"press Ctrl-C to stop{ready}", flush=True)))
     print("nats-server stopped")
     return 0
 
 
-def _wait_for_signal() -> None:
-    received: list[int] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda number, _frame: received.append(number))
-    while not received:
-        signal.pause()
-
-
-# --- worker / up ------------------------------------------------------------------------------
-
-
 async def _serve(
-    repo: Path, options: ConnectOptions, only: Sequence[str], metrics_port: int | None = None
+    repo: Path,
+    options: ConnectOptions,
+    only: Sequence[str],
+    metrics_port: int | None = None,
+    *,
+    roster: Path | None = None,
+    following: RosterServer | None = None,
 ) -> int:
+    """Serve ``repo`` until SIGTERM/SIGINT; with ``following``, keep that server in step with
+    its roster meanwhile (``inferbus up --roster``)."""
     configs = load_repository(repo)
     if only:
         unknown = set(only) - {c.name for c in configs}
         if unknown:
             raise InferbusError(f"{repo} has no model named {sorted(unknown)}")
         configs = [c for c in configs if c.name in only]
-    async with Worker(configs, options, metrics_port=metrics_port) as worker:
-        print(f"worker ready: {len(configs)} model version(s) on {options.servers[0]}", flush=True)
-        await worker.wait()
+    hangup = asyncio.Event()
+    async with Worker(configs, options, metrics_port=metrics_port, roster=roster) as worker:
+        with signal_handlers({signal.SIGHUP: hangup.set} if following else {}):
+            print(f"worker ready: {len(configs)} model version(s) on {options.servers[0]}",
+                  flush=True)  # fmt: skip
+            async with asyncio.TaskGroup() as group:
+                watching = group.create_task(follow(following, hangup)) if following else None
+                await worker.wait()
+                if watching is not None:
+                    watching.cancel()
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     options = connect_options(args, "inferbus-worker")
-    return run_async(_serve(args.repo, options, args.model, args.metrics_port))
+    return run_async(_serve(args.repo, options, args.model, args.metrics_port, roster=args.roster))
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    with EmbeddedServer(host=args.host, port=args.port, max_payload=args.max_payload) as server:
-        print(f"nats-server listening on {server.url}", flush=True)
-        options = ConnectOptions(servers=[server.url], name="inferbus-worker")
-        return run_async(_serve(args.repo, options, args.model))
+    running = roster_server(args) if args.roster else None
+    if running is not None:
+        server, options = running.server, worker_options(running, args.worker)
+    else:
+        settings = open_settings(args)
+        server = settings.server("")
+        tls_ca = None if settings.tls_ca is None else str(settings.tls_ca)
+        options = ConnectOptions(servers=[server.url], name="inferbus-worker", tls_ca=tls_ca)
+    with server:
+        where = f"; roster {args.roster}, connection files in {running.state}" if running else ""
+        print(f"nats-server listening on {server.url}{where}", flush=True)
+        serving = _serve(args.repo, options, args.model, roster=args.roster, following=running)
+        return run_async(serving)
 
 
 # --- models / infer ---------------------------------------------------------------------------
@@ -239,20 +264,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 async def _status(args: argparse.Namespace) -> int:
     from inferbus.status import ClusterStatus, rates, render, snapshot
+    from inferbus.tenancy.usage import view as usage_view
 
     async with Client(connect_options(args, "inferbus-status")) as client:
         previous: ClusterStatus | None = None
         while True:
-            current = await snapshot(client)
-            rates(current, previous)
+            if args.by_user:
+                shown, text = await usage_view(client.nats)
+            else:
+                current = await snapshot(client)
+                rates(current, previous)
+                previous = current
+                shown, text = current.to_dict(), render(current)
             if args.json:
-                print(orjson.dumps(current.to_dict(), option=orjson.OPT_INDENT_2).decode())
+                print(orjson.dumps(shown, option=orjson.OPT_INDENT_2).decode())
             else:
                 clear = "" if args.once else "\033[2J\033[H"  # redraw in place on a terminal
-                print(clear + render(current), flush=True)
+                print(clear + text, flush=True)
             if args.once:
                 return 0
-            previous = current
             await asyncio.sleep(args.interval)
 
 
@@ -288,21 +318,16 @@ def _connection_parser() -> argparse.ArgumentParser:
         help=f"comma-separated NATS URLs (default ${SERVERS_ENV} or nats://127.0.0.1:4222)",
     )
     group.add_argument("--creds", help="NATS credentials file (default $INFERBUS_CREDS)")
+    group.add_argument("--nkey", help=f"file holding an nkey seed, SU... (default ${NKEY_ENV})")
+    group.add_argument(
+        "--connection",
+        help=f"connection file from `inferbus roster apply`: servers, key and CA in one "
+        f"(default ${CONNECTION_ENV}); --servers and --tls-* override what it says",
+    )
     group.add_argument("--tls-ca", help="CA bundle (PEM) that signs the server's certificate")
     group.add_argument("--tls-cert", help="client certificate (PEM) for mutual TLS")
     group.add_argument("--tls-key", help="client private key (PEM) for mutual TLS")
     return parent
-
-
-def _server_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="client port")
-    parser.add_argument(
-        "--max-payload",
-        type=int,
-        default=DEFAULT_MAX_PAYLOAD,
-        help="largest message in bytes (default 8 MiB; NATS caps it at 64 MiB)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -328,7 +353,10 @@ Configure = Callable[[argparse.ArgumentParser], None]
 def _commands() -> list[tuple[str, Callable[[argparse.Namespace], int], str, Configure, bool]]:
     """Each command: name, handler, one-line summary, its arguments, whether it uses NATS."""
     return [
-        ("server", cmd_server, "run the embedded nats-server", _server_args, False),
+        ("server", cmd_server, "run the embedded nats-server (with --roster: a shared bus)",
+         _server_args, False),
+        ("roster", cmd_roster, "check a roster, or apply it: server config, keys, connection "
+         "files", roster_args, False),
         ("worker", cmd_worker, "serve a model repository on a NATS server", _worker_args, True),
         ("up", cmd_up, "embedded nats-server and a worker in one process", _up_args, False),
         ("models", cmd_models, "list the models served, with signatures", _models_args, True),
@@ -342,8 +370,18 @@ def _commands() -> list[tuple[str, Callable[[argparse.Namespace], int], str, Con
 
 
 def _server_args(parser: argparse.ArgumentParser) -> None:
-    _server_options(parser)
-    parser.add_argument("--monitor-port", type=int, help="also serve NATS HTTP monitoring here")
+    server_options(parser)
+    parser.add_argument(
+        "--monitor-port",
+        type=int,
+        help="also serve NATS HTTP monitoring here, on the listen address (no authentication)",
+    )
+    parser.epilog = (
+        "Without --roster anyone who reaches the port may serve and call models: keep it on "
+        "127.0.0.1. With --roster, every user has an account of their own and a key; "
+        "`inferbus roster apply` explains the files. Edit the roster (or send SIGHUP) to apply "
+        "it again: connected workers stay connected, removed identities are cut off."
+    )
 
 
 def _repo_args(parser: argparse.ArgumentParser) -> None:
@@ -358,12 +396,23 @@ def _worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics (inferbus_*) on this port"
     )
+    parser.add_argument(
+        "--roster",
+        type=Path,
+        default=os.environ.get(ROSTER_ENV) or None,
+        help="on a shared bus: enforce this roster's grants and quotas (re-read on change); "
+        f"connect with --connection FILE of a worker identity (default ${ROSTER_ENV})",
+    )
     parser.epilog = "Stops gracefully on SIGTERM/SIGINT: requests already received are answered."
 
 
 def _up_args(parser: argparse.ArgumentParser) -> None:
     _repo_args(parser)
-    _server_options(parser)
+    server_options(parser)
+    parser.add_argument(
+        "--worker", metavar="NAME", help="with --roster: the worker identity to serve as "
+        "(default: the roster's first worker)"
+    )  # fmt: skip
 
 
 def _models_args(parser: argparse.ArgumentParser) -> None:
@@ -413,6 +462,12 @@ def _status_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--once", action="store_true", help="print one snapshot and exit")
     parser.add_argument("--json", action="store_true", help="JSON instead of the table")
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    parser.add_argument(
+        "--by-user",
+        action="store_true",
+        help="per model, each user's requests, rows, compute seconds and refusals, summed over "
+        "workers (workers run with a roster; a user sees only their own row)",
+    )
 
 
 def _build_args(parser: argparse.ArgumentParser) -> None:

@@ -2,6 +2,8 @@
 
 ``inferbus server`` runs it in the foreground; the test-suite uses the same class for a real
 server on a free port. Production points inferbus at an existing server or cluster instead.
+On a shared bus the roster's accounts (``inferbus.tenancy``) go into its configuration, and
+``reload`` changes them while clients stay connected.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from inferbus.errors import ServerError
+from inferbus.errors import ConfigError, ServerError
 
 DEFAULT_PORT = 4222
 # NATS defaults to 1 MB; its docs recommend at most 8 MB, which fits most image tensors.
 DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024
+# What nats-server logs once it has acted on a SIGHUP, either way.
+_RELOADED = "Reloaded server configuration"
+_RELOAD_FAILED = "Failed to reload server configuration"
 
 
 def find_binary() -> Path:
@@ -45,6 +50,28 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def quote(value: str) -> str:
+    """``value`` as a double-quoted nats-server config string. Refuses what could end the
+    string or the line (quotes, backslashes, control characters) rather than escaping it:
+    every string we write is a name, subject, address or path, which never needs them."""
+    if not value or not value.isprintable() or '"' in value or "\\" in value:
+        raise ConfigError(f"{value!r} cannot be written into a nats-server config")
+    return f'"{value}"'
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTLS:
+    """The server's certificate and key (PEM); clients then must connect with TLS."""
+
+    cert: Path
+    key: Path
+
+    def config_lines(self) -> list[str]:
+        return [
+            f"tls {{\n  cert_file: {quote(str(self.cert))}\n  key_file: {quote(str(self.key))}\n}}"
+        ]
+
+
 @dataclass(frozen=True, slots=True)
 class Cluster:
     """This server's place in a NATS cluster: its name, route port and its peers' routes."""
@@ -55,18 +82,20 @@ class Cluster:
     name: str = "inferbus"
 
     def config_lines(self, host: str) -> list[str]:
-        routes = ", ".join(f'"nats-route://{host}:{port}"' for port in self.peers)
+        routes = ", ".join(quote(f"nats-route://{host}:{port}") for port in self.peers)
+        listen = quote(f"{host}:{self.route_port}")
         return [
-            f'server_name: "{self.server_name}"',
-            f'cluster {{\n  name: "{self.name}"\n  listen: "{host}:{self.route_port}"\n'
-            f"  routes: [{routes}]\n}}",
+            f"server_name: {quote(self.server_name)}",
+            f"cluster {{\n  name: {quote(self.name)}\n  listen: {listen}\n  routes: [{routes}]\n}}",
         ]
 
 
 class EmbeddedServer:
-    """A nats-server child process on loopback, started and stopped with ``with``.
+    """A nats-server child process, started and stopped with ``with``.
 
     ``port=0`` picks a free port. ``monitor_port`` enables the HTTP monitoring endpoint.
+    ``accounts`` is an ``accounts { ... }`` block (``inferbus.tenancy.accounts_config``);
+    ``tls`` makes clients connect with TLS.
     """
 
     def __init__(
@@ -78,6 +107,8 @@ class EmbeddedServer:
         monitor_port: int | None = None,
         extra_config: str = "",
         cluster: Cluster | None = None,
+        tls: ServerTLS | None = None,
+        accounts: str = "",
     ) -> None:
         if max_payload <= 0 or max_payload > 64 * 1024 * 1024:
             raise ServerError("max_payload must be between 1 byte and 64 MiB (nats-server's cap)")
@@ -87,12 +118,15 @@ class EmbeddedServer:
         self.monitor_port = monitor_port
         self.extra_config = extra_config
         self.cluster = cluster
+        self.tls = tls
+        self.accounts = accounts
         self._process: subprocess.Popen[bytes] | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        scheme = "tls" if self.tls is not None else "nats"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -108,7 +142,7 @@ class EmbeddedServer:
 
     def config_text(self) -> str:
         lines = [
-            f'listen: "{self.host}:{self.port}"',
+            f"listen: {quote(f'{self.host}:{self.port}')}",
             f"max_payload: {self.max_payload}",
             # A client's outbound buffer must hold a few of the largest messages, or the
             # server drops it as a slow consumer (the default is 64 MB).
@@ -117,18 +151,27 @@ class EmbeddedServer:
             'write_deadline: "10s"',
         ]
         if self.monitor_port is not None:
-            lines.append(f'http: "{self.host}:{self.monitor_port}"')
+            lines.append(f"http: {quote(f'{self.host}:{self.monitor_port}')}")
+        if self.tls is not None:
+            lines += self.tls.config_lines()
         if self.cluster is not None:
             lines += self.cluster.config_lines(self.host)
+        if self.accounts:
+            lines.append(self.accounts.rstrip("\n"))
         return "\n".join(lines) + "\n" + self.extra_config
+
+    def _paths(self) -> tuple[Path, Path]:
+        if self._workdir is None:
+            raise ServerError("server not started")
+        folder = Path(self._workdir.name)
+        return folder / "nats-server.conf", folder / "nats-server.log"
 
     def start(self, timeout: float = 10.0) -> None:
         """Start the server and return once it accepts TCP connections."""
         if self._process is not None:
             raise ServerError("server already started")
         self._workdir = tempfile.TemporaryDirectory(prefix="inferbus-nats-")
-        config = Path(self._workdir.name) / "nats-server.conf"
-        log = Path(self._workdir.name) / "nats-server.log"
+        config, log = self._paths()
         config.write_text(self.config_text())
         command = [str(find_binary()), "-c", str(config), "-l", str(log)]
         # Its own session: a Ctrl-C meant for us must not stop it before our workers drain.
@@ -151,6 +194,49 @@ class EmbeddedServer:
                 return
             time.sleep(0.02)
         raise ServerError(f"nats-server did not become ready on {self.url} in {timeout}s")
+
+    def reload(
+        self, *, accounts: str | None = None, tls: ServerTLS | None = None, timeout: float = 10.0
+    ) -> None:
+        """Rewrite the configuration with new ``accounts`` and/or ``tls`` (None: keep) and have
+        the running server reload it (SIGHUP); return once it logged the outcome. Connections
+        stay open, except those whose identity the new accounts no longer know.
+
+        A configuration the server refuses raises ``ServerError``; the server then keeps
+        running the previous one, and so does this object."""
+        if self._process is None or self._process.poll() is not None:
+            raise ServerError("server not running")
+        config, _ = self._paths()
+        previous = (self.accounts, self.tls)
+        self.accounts = self.accounts if accounts is None else accounts
+        self.tls = self.tls if tls is None else tls
+        seen = self._reload_outcomes()
+        config.write_text(self.config_text())
+        self._process.send_signal(signal.SIGHUP)
+        try:
+            self._wait_for_reload(seen, timeout)
+        except ServerError:
+            self.accounts, self.tls = previous
+            config.write_text(self.config_text())
+            raise
+
+    def _reload_outcomes(self) -> list[str]:
+        return [line for line in self.log_text().splitlines()
+                if _RELOADED in line or _RELOAD_FAILED in line]  # fmt: skip
+
+    def _wait_for_reload(self, seen: list[str], timeout: float) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self._process.poll() is None:
+            outcomes = self._reload_outcomes()[len(seen) :]
+            if outcomes:
+                if _RELOAD_FAILED in outcomes[0]:
+                    reason = outcomes[0].split(_RELOAD_FAILED, 1)[1].lstrip(": ")
+                    raise ServerError(f"nats-server refused the new configuration: {reason}")
+                return
+            time.sleep(0.01)
+        raise ServerError(f"nats-server did not report reloading its configuration in {timeout}s"
+                          f" (exit status {self._process.poll()})")  # fmt: skip
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL after ``timeout``) and remove its files."""

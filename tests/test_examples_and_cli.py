@@ -95,7 +95,7 @@ def test_readme_python_block_runs_and_prints_what_it_shows(
 
 @pytest.mark.parametrize(
     "command",
-    ["", "server", "worker", "up", "models", "status", "infer", "bench", "build", "demo"],
+    ["", "server", "roster", "worker", "up", "models", "status", "infer", "bench", "build", "demo"],
 )
 def test_every_command_explains_itself(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exited:

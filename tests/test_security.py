@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 import inferbus
+from inferbus.natsserver import free_port
 from inferbus.pipeline.connection import ConnectOptions
+from inferbus.tenancy.credentials import Identity
+from inferbus.tenancy.live import RosterServer
 from tests.conftest import TEST_MODELS
 
 
@@ -63,6 +66,35 @@ async def test_tls_with_a_private_ca(tmp_path: Path) -> None:
         async with (
             inferbus.Worker(add_configs(), options),
             inferbus.connect(url, tls_ca=str(ca)) as client,
+        ):
+            result = await client.infer("add", {"x": np.ones((1, 4), dtype=np.float32)})
+    np.testing.assert_array_equal(result["y"], np.full((1, 4), 3.0))
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make certs")
+async def test_a_roster_turns_on_tls_and_hands_out_the_private_ca(tmp_path: Path) -> None:
+    """``[server]`` tls_cert/tls_key/tls_ca: the server requires TLS, and each connection file
+    carries a tls:// URL and the CA, so a worker and a user connect with their file alone."""
+    ca, cert, key = make_certificates(tmp_path)
+    roster = tmp_path / "roster.toml"
+    roster.write_text(
+        '[workers.gpu1]\n[users.alice]\nmodels = ["add"]\n[server]\n'
+        f'port = {free_port()}\ntls_cert = "{cert.name}"\ntls_key = "{key.name}"\n'
+        f'tls_ca = "{ca.name}"\n'  # relative to the roster's folder
+    )
+    with RosterServer(roster, tmp_path / "state") as running:
+        worker_file = running.applied.connection_path(Identity("worker", "gpu1"))
+        alice_file = running.applied.connection_path(Identity("user", "alice"))
+        alice = ConnectOptions.from_file(alice_file)
+        assert alice.servers == [f"tls://127.0.0.1:{running.server.port}"]
+        assert alice.tls_ca == str(ca)
+        plain = ConnectOptions.from_file(alice_file, tls_ca=None)  # the system's CAs: refused
+        with pytest.raises(inferbus.ConnectionFailed, match="certificate verify failed"):
+            async with inferbus.Client(plain):
+                pass
+        async with (
+            inferbus.Worker(add_configs(), ConnectOptions.from_file(worker_file), roster=roster),
+            inferbus.Client(alice) as client,
         ):
             result = await client.infer("add", {"x": np.ones((1, 4), dtype=np.float32)})
     np.testing.assert_array_equal(result["y"], np.full((1, 4), 3.0))

@@ -199,3 +199,25 @@ async def test_usage_is_counted_per_user_and_shown_to_each_only_their_own(
         assert everyone["carol"]["requests"] == 1
         assert everyone["carol"]["refused"] == 1
         assert set(await user_rows(alice, "add")) == {"alice"}
+
+
+class AddOne(inferbus.Model[np.ndarray, np.ndarray]):
+    name = "add"
+    version = 1
+
+    def postprocess(self, outputs: inferbus.InferResult) -> np.ndarray:
+        return np.asarray(outputs["y"])
+
+
+@pytest.mark.usefixtures("shared_worker")
+async def test_model_map_and_discovery_work_for_a_user(
+    shared_server: inferbus.EmbeddedServer,
+) -> None:
+    """What a student uses, on a shared bus: ``Model``, ``map`` (packed and not), ``describe``."""
+    rows = np.arange(40, dtype=np.float32).reshape(10, 4)
+    async with inferbus.connect(url(shared_server, "alice")) as alice:
+        np.testing.assert_array_equal(await AddOne(alice)(rows[:2]), rows[:2] + 1)
+        for pack in (1, 4):
+            mapped = [r async for r in alice.map("add", rows, version=1, pack=pack)]
+            np.testing.assert_array_equal(np.concatenate([r["y"] for r in mapped]), rows + 1)
+        assert (await alice.describe("add", 1)).signature.inputs[0].name == "x"

@@ -23,7 +23,7 @@ from inferbus.errors import BadInput, DeadlineExceeded, RequestError, Unavailabl
 from inferbus.pipeline import mapping
 from inferbus.pipeline._lifecycle import AsyncResource
 from inferbus.pipeline._threads import run_in_thread
-from inferbus.pipeline.connection import ConnectOptions, split_servers
+from inferbus.pipeline.connection import ConnectOptions
 from inferbus.pipeline.discovery import Directory, ModelInfo
 from inferbus.pipeline.result import InferResult, needs_thread, read_result
 from inferbus.pipeline.retry import RetryPolicy
@@ -274,27 +274,24 @@ def connect(
     name: str = "inferbus-client",
     max_in_flight: int = 256,
     retry: RetryPolicy | None = None,
+    connection: str | None = None,
     creds: str | None = None,
+    nkey: str | None = None,
     tls_ca: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
     max_reply_bytes: int = REPLY_BYTES,
     max_reply_bytes_in_flight: int = IN_FLIGHT,
 ) -> Client:
-    """A client for ``servers`` (default ``$INFERBUS_SERVERS`` or nats://127.0.0.1:4222).
-
-    Use it as ``async with inferbus.connect(...) as client``. ``creds``: a NATS credentials
-    file (default ``$INFERBUS_CREDS``); ``tls_*``: PEM paths for TLS. ``max_in_flight``
-    requests wait for replies at once, more wait in the client. ``retry``: how requests are
-    tried again, always within each call's ``timeout``. A reply may take ``max_reply_bytes``
-    decoded, reply transfers under way ``max_reply_bytes_in_flight`` together (else 413)."""
-    settings: dict[str, Any] = {"name": name, "tls_ca": tls_ca, "tls_cert": tls_cert}
-    settings["tls_key"] = tls_key
-    if servers is not None:
-        settings["servers"] = split_servers(servers if isinstance(servers, str) else list(servers))
-    if creds is not None:
-        settings["creds"] = creds
+    """A client for ``servers`` (default ``$INFERBUS_SERVERS`` or nats://127.0.0.1:4222):
+    ``async with inferbus.connect(...) as client``. ``connection``: a file from ``inferbus
+    roster apply`` (servers, key, CA; default ``$INFERBUS_CONNECTION``); ``creds``: a NATS
+    credentials file; ``nkey``: a file holding an nkey seed; ``tls_*``: PEM paths. What is
+    given overrides the environment and the file. ``max_in_flight`` requests wait for replies
+    at once; ``retry``: how requests are tried again within each call's ``timeout``; a reply
+    may take ``max_reply_bytes``, reply transfers ``max_reply_bytes_in_flight`` (else 413)."""
+    identity = {"connection": connection, "creds": creds, "nkey": nkey}
+    tls = {"tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
+    options = ConnectOptions.given(servers, name=name, **identity, **tls)
     limits = ReplyLimits(max_reply_bytes, max_reply_bytes_in_flight)
-    return Client(
-        ConnectOptions(**settings), max_in_flight=max_in_flight, retry=retry, reply_limits=limits
-    )
+    return Client(options, max_in_flight=max_in_flight, retry=retry, reply_limits=limits)

@@ -7,18 +7,15 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from nats import errors as nats_error_types
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 
-from inferbus.errors import ConnectionFailed, Unavailable
-from inferbus.pipeline._lifecycle import cancel_and_wait
-from inferbus.pipeline.nats_errors import nats_errors
+from inferbus.errors import ConfigError, ConnectionFailed
 from inferbus.tenancy.connection_file import (
     ConnectionFile,
     check_seed_file,
@@ -100,6 +97,33 @@ class ConnectOptions:
         values: dict[str, Any] = {"servers": list(handed.servers), "nkey_seed": handed.nkey_seed}
         values |= {"creds": None, "nkey": None, "tls_ca": handed.tls_ca}
         return cls(**(values | settings))
+
+    @classmethod
+    def given(
+        cls,
+        servers: str | Sequence[str] | None = None,
+        *,
+        connection: str | Path | None = None,
+        creds: str | None = None,
+        nkey: str | None = None,
+        **settings: Any,
+    ) -> ConnectOptions:
+        """Options from what a caller gave (None: not given), the rest from the environment.
+        At most one identity (``connection`` file, ``creds``, ``nkey``); one given replaces
+        any the environment names. ``settings``: other fields (``name``, ``tls_*`` ...)."""
+        identities = {"connection": connection, "creds": creds, "nkey": nkey}
+        chosen = [key for key, value in identities.items() if value is not None]
+        if len(chosen) > 1:
+            raise ConfigError(f"give one identity, not {' and '.join(chosen)}")
+        values = {key: value for key, value in settings.items() if value is not None}
+        if servers is not None:
+            values["servers"] = split_servers(servers if isinstance(servers, str) else [*servers])
+        if connection is not None:
+            return cls.from_file(connection, **values)
+        if chosen:
+            identity = {chosen[0]: identities[chosen[0]]}
+            values |= dict.fromkeys(("creds", "nkey", "nkey_seed")) | identity
+        return cls(**values)
 
     def identity(self) -> dict[str, Any]:
         """nats-py's ``connect`` arguments for the one identity these options use."""
@@ -225,56 +249,3 @@ async def confirm_subscriptions(nats: NatsClient) -> None:
     the flusher has written its queue, so a second PING follows the SUBs."""
     await nats.flush()
     await nats.flush()
-
-
-class Liveness:
-    """Notices a connection that no longer reads, and reconnects it (subscriptions included).
-
-    nats-py 2.16 ends its read loop, without reconnecting, on a message whose header status
-    line is not UTF-8 — anyone who can publish to a subject we subscribe to can send one —
-    and would notice only at its next ping interval, minutes later. So every ``interval``
-    seconds the connection sends itself a message on a private inbox, which must come back
-    within ``timeout``. (Not nats-py's own PING: when ``rtt``/``flush`` time out they cancel the
-    PONG's future, and the late PONG then ends the read loop — the very failure to catch.)
-    """
-
-    def __init__(self, nats: NatsClient, *, interval: float = 1.0, timeout: float = 2.0) -> None:
-        self.nats = nats
-        self.interval = interval
-        self.timeout = timeout
-        self.reconnects = 0  # forced by this check, for tests and logs
-        self._heard = asyncio.Event()
-        self._subject = ""
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        self._subject = self.nats.new_inbox()
-        await self.nats.subscribe(self._subject, cb=self._echo)
-        self._task = asyncio.create_task(self._run())
-
-    async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            await cancel_and_wait([task])
-
-    async def _echo(self, msg: Msg) -> None:
-        self._heard.set()
-
-    async def _run(self) -> None:
-        while not self.nats.is_closed:
-            await asyncio.sleep(self.interval)
-            if not self.nats.is_connected:
-                continue  # nats-py is reconnecting already
-            self._heard.clear()
-            try:
-                with nats_errors(self._subject, self.timeout):
-                    await self.nats.publish(self._subject, b"")
-            except Unavailable:
-                return  # closed for good: whoever owns the connection handles that
-            try:
-                await asyncio.wait_for(self._heard.wait(), self.timeout)
-            except TimeoutError:
-                log.warning("NATS: our own message did not come back within %gs: the "
-                            "connection is wedged; reconnecting", self.timeout)  # fmt: skip
-                self.reconnects += 1
-                await self.nats.force_reconnect()

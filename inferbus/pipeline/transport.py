@@ -17,7 +17,8 @@ from nats.aio.client import Client as NatsClient
 from inferbus.contract import error_from_reply
 from inferbus.errors import BadInput
 from inferbus.pipeline import transfer
-from inferbus.pipeline.connection import ConnectOptions, Liveness, connect_nats
+from inferbus.pipeline.connection import ConnectOptions, connect_nats
+from inferbus.pipeline.liveness import Liveness
 from inferbus.pipeline.nats_errors import nats_errors
 
 MAX_REPLY_BYTES: Final = 256 * 1024 * 1024

@@ -26,10 +26,10 @@ from inferbus.pipeline._served import ServedModel, load_served_model
 from inferbus.pipeline._service import MicroService
 from inferbus.pipeline.connection import (
     ConnectOptions,
-    Liveness,
     confirm_subscriptions,
     connect_nats,
 )
+from inferbus.pipeline.liveness import Liveness
 from inferbus.pipeline.policy import Tenancy
 from inferbus.repository import ModelConfig
 from inferbus.version import __version__
