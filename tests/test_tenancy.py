@@ -7,6 +7,7 @@ written out here with passwords so the worker's side is tested on its own.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -221,3 +222,39 @@ async def test_model_map_and_discovery_work_for_a_user(
             mapped = [r async for r in alice.map("add", rows, version=1, pack=pack)]
             np.testing.assert_array_equal(np.concatenate([r["y"] for r in mapped]), rows + 1)
         assert (await alice.describe("add", 1)).signature.inputs[0].name == "x"
+
+
+async def test_per_user_series_in_prometheus_keep_a_bounded_label_set(
+    shared_server: inferbus.EmbeddedServer, roster: Path
+) -> None:
+    from inferbus.natsserver import free_port
+    from tests.test_metrics import scrape, value
+
+    configs = [c for c in inferbus.load_repository(TEST_MODELS) if c.name == "add"]
+    options = inferbus.ConnectOptions(servers=[url(shared_server, "w")], name="test-worker")
+    port = free_port()
+    x = np.ones((3, 4), np.float32)
+    async with (
+        inferbus.Worker(configs, options, roster=roster, metrics_port=port) as worker,
+        inferbus.connect(url(shared_server, "alice")) as alice,
+        inferbus.connect(url(shared_server, "bob"), retry=quick()) as bob,
+    ):
+        for _ in range(2):
+            await alice.infer("add", {"x": x}, version=1)
+        with pytest.raises(inferbus.Forbidden):
+            await bob.infer("add", {"x": x}, version=1)
+        text = await asyncio.to_thread(scrape, port)
+        # Users who leave the roster keep their counts, under one label for all of them.
+        await asyncio.to_thread(roster.write_text, ROSTER.replace("alice]", "alicia]"))
+        os.utime(roster, ns=(1, 1))
+        assert worker.tenancy is not None
+        assert worker.tenancy.reload_if_changed()
+        after = await asyncio.to_thread(scrape, port)
+    alice_add = '{model="add",user="alice",version="1"}'
+    assert value(text, f"inferbus_user_request_total{alice_add}") == 2
+    assert value(text, f"inferbus_user_rows_total{alice_add}") == 6
+    assert value(text, f"inferbus_user_compute_seconds_total{alice_add}") > 0
+    assert value(text, 'inferbus_user_refused_total{model="add",user="bob",version="1"}') == 1
+    other = '{model="add",user="(other)",version="1"}'
+    assert value(after, f"inferbus_user_request_total{other}") == 2
+    assert f"inferbus_user_request_total{alice_add}" not in after
