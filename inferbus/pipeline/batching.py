@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, Self, TypeVar
 
 from inferbus.errors import Overloaded
 from inferbus.repository import ModelConfig
@@ -46,8 +47,10 @@ class Scheduler(Protocol[T]):
     def take_all(self) -> list[Pending[T]]: ...
 
 
-class BatchQueue(Generic[T]):
-    """Collects ``Pending`` requests into batches of compatible ``key`` (same trailing shapes)."""
+class Batcher(ABC, Generic[T]):
+    """What every scheduler shares: the limits, and waiting for a batch (at once when the
+    waiting rows fill one or match a preferred size, else once the oldest waited
+    ``max_queue_delay_s``). Subclasses keep the requests and pick each batch."""
 
     def __init__(
         self,
@@ -61,12 +64,16 @@ class BatchQueue(Generic[T]):
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self.preferred = frozenset(preferred_batch_sizes)
-        self._pending: deque[Pending[T]] = deque()
         self._arrived = asyncio.Event()
         self._collecting = asyncio.Lock()  # one instance gathers a batch at a time
+        self._empty()
+
+    @abstractmethod
+    def _empty(self) -> None:
+        """Start (or start again) with nothing waiting."""
 
     @classmethod
-    def for_config(cls, config: ModelConfig) -> BatchQueue[T]:
+    def for_config(cls, config: ModelConfig) -> Self:
         """A model version's queue, with the limits its config sets."""
         return cls(
             max_batch_size=config.max_batch_size,
@@ -75,8 +82,48 @@ class BatchQueue(Generic[T]):
             preferred_batch_sizes=config.preferred_batch_sizes,
         )
 
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def _oldest(self) -> float:
+        """When the longest-waiting request was queued."""
+
+    @abstractmethod
+    def _ready(self) -> bool:
+        """Do the waiting requests fill a batch (or a preferred size) already?"""
+
+    @abstractmethod
+    def _take(self) -> list[Pending[T]]:
+        """Remove and return the next batch (one request at least)."""
+
+    async def next_batch(self) -> list[Pending[T]]:
+        """Wait for work, then return the next batch (one request at least)."""
+        async with self._collecting:
+            while not len(self):
+                self._arrived.clear()
+                await self._arrived.wait()
+            deadline = self._oldest() + self.max_queue_delay_s
+            while (wait := deadline - time.monotonic()) > 0 and not self._ready():
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), wait)
+                except TimeoutError:
+                    break
+            return self._take()
+
+
+class BatchQueue(Batcher[T]):
+    """Collects ``Pending`` requests into batches of compatible ``key`` (same trailing shapes)."""
+
+    def _empty(self) -> None:
+        self._pending: deque[Pending[T]] = deque()
+
     def __len__(self) -> int:
         return len(self._pending)
+
+    def _oldest(self) -> float:
+        return self._pending[0].enqueued
 
     def submit(self, payload: T, *, rows: int, key: Hashable, lane: str = "") -> Pending[T] | None:
         """Queue one request, or refuse it with ``Overloaded`` when the queue is full."""
@@ -85,21 +132,6 @@ class BatchQueue(Generic[T]):
         self._pending.append(Pending(payload, rows, key, lane))
         self._arrived.set()
         return None
-
-    async def next_batch(self) -> list[Pending[T]]:
-        """Wait for work, then return the next batch (one request at least)."""
-        async with self._collecting:
-            while not self._pending:
-                self._arrived.clear()
-                await self._arrived.wait()
-            deadline = self._pending[0].enqueued + self.max_queue_delay_s
-            while (wait := deadline - time.monotonic()) > 0 and not self._ready():
-                self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), wait)
-                except TimeoutError:
-                    break
-            return self._take()
 
     def _compatible_rows(self) -> int:
         key = self._pending[0].key

@@ -11,49 +11,24 @@ fills only its own share of the queue.
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections import Counter, deque
 from collections.abc import Hashable
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 from inferbus.errors import Overloaded
-from inferbus.pipeline.batching import Pending
-from inferbus.repository import ModelConfig
+from inferbus.pipeline.batching import Batcher, Pending
 
 T = TypeVar("T")
 
 
-class FairBatchQueue(Generic[T]):
+class FairBatchQueue(Batcher[T]):
     """Per-user lanes, one batch at a time, deficit round-robin by rows."""
 
-    def __init__(
-        self,
-        *,
-        max_batch_size: int,
-        max_queue_delay_s: float = 0.0,
-        max_queue_size: int = 1024,
-        preferred_batch_sizes: tuple[int, ...] = (),
-    ) -> None:
-        self.max_batch_size = max_batch_size
-        self.max_queue_delay_s = max_queue_delay_s
-        self.max_queue_size = max_queue_size
-        self.preferred = frozenset(preferred_batch_sizes)
+    def _empty(self) -> None:
         self._lanes: dict[str, deque[Pending[T]]] = {}  # only lanes with work, in turn order
         self._deficit: dict[str, int] = {}
         self._rows_by_key: Counter[Hashable] = Counter()  # waiting rows: "ready?" in O(1)
         self._size = 0
-        self._arrived = asyncio.Event()
-        self._collecting = asyncio.Lock()
-
-    @classmethod
-    def for_config(cls, config: ModelConfig) -> FairBatchQueue[T]:
-        return cls(
-            max_batch_size=config.max_batch_size,
-            max_queue_delay_s=config.max_queue_delay_ms / 1e3,
-            max_queue_size=config.max_queue_size,
-            preferred_batch_sizes=config.preferred_batch_sizes,
-        )
 
     def __len__(self) -> int:
         return self._size
@@ -93,21 +68,8 @@ class FairBatchQueue(Generic[T]):
         self._arrived.set()
         return pushed_out
 
-    async def next_batch(self) -> list[Pending[T]]:
-        """Wait for work, then return the next batch (one request at least)."""
-        async with self._collecting:
-            while not self._size:
-                self._arrived.clear()
-                await self._arrived.wait()
-            oldest = min(queue[0].enqueued for queue in self._lanes.values())
-            deadline = oldest + self.max_queue_delay_s
-            while (wait := deadline - time.monotonic()) > 0 and not self._ready():
-                self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), wait)
-                except TimeoutError:
-                    break
-            return self._take()
+    def _oldest(self) -> float:
+        return min(queue[0].enqueued for queue in self._lanes.values())
 
     def _ready(self) -> bool:
         rows = self._rows_by_key[next(iter(self._lanes.values()))[0].key]
@@ -157,8 +119,5 @@ class FairBatchQueue(Generic[T]):
 
     def take_all(self) -> list[Pending[T]]:
         taken = [item for queue in self._lanes.values() for item in queue]
-        self._lanes.clear()
-        self._deficit.clear()
-        self._rows_by_key.clear()
-        self._size = 0
+        self._empty()
         return taken
