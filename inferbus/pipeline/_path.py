@@ -7,8 +7,12 @@ computed in the subscription callback, because batching could only add a task sw
 
 from __future__ import annotations
 
+import logging
 import time
 
+from nats.aio.msg import Msg
+
+from inferbus.contract import reply_subject_problem, requester_account
 from inferbus.errors import Overloaded, RequestError
 from inferbus.pipeline._admission import Admission, Work
 from inferbus.pipeline._executor import Executor
@@ -18,6 +22,9 @@ from inferbus.pipeline._stats import ModelStats
 from inferbus.pipeline.batching import Pending, Scheduler
 from inferbus.pipeline.fair import FairBatchQueue
 from inferbus.pipeline.policy import Tenancy, UserUsage
+from inferbus.pipeline.transfer import Receiver, TransferBudget
+
+log = logging.getLogger("inferbus.worker")
 
 
 class RequestPath:
@@ -43,6 +50,9 @@ class RequestPath:
         self.usage = usage
         self.tenancy = tenancy
         self.direct = direct
+        # Two requests of the largest size may arrive in chunks at once, one per sender; more
+        # are refused (429).
+        self.transfer_budget = TransferBudget(2 * admission.config.max_request_bytes, share=0.5)
 
     async def refused(self, user: str, model: str, reply: str, record: EndpointRecord) -> bool:
         """On a shared bus, before decoding: refuse (and answer) a request its sender may not
@@ -125,3 +135,32 @@ class RequestPath:
         for item in batch:
             self.stats.queued(int((now - item.enqueued) * 1e9))
         return [item.payload for item in batch]
+
+    # --- large requests, received in chunks ----------------------------------------------------
+
+    async def accept_transfer(self, msg: Msg, record: EndpointRecord) -> None:
+        """An offer of a request too large for one message: receive it, then admit it."""
+        try:
+            receiver = await Receiver.accept(
+                self.replier.nats,
+                msg,
+                self.admission.config.max_request_bytes,
+                budget=self.transfer_budget,
+                owner=requester_account(msg.headers),
+            )
+        except RequestError as exc:  # already answered to the sender
+            self.stats.request_done(exc.code)
+            return
+        self.replier.track(self._receive_transfer(receiver, record))
+
+    async def _receive_transfer(self, receiver: Receiver, record: EndpointRecord) -> None:
+        try:
+            body = await receiver.wait()
+        except RequestError as exc:  # abandoned or corrupt: the sender was told, if it listens
+            log.warning("%s: %s", self.admission.config.name, exc)
+            self.stats.request_done(exc.code)
+            return
+        if reply_subject_problem(receiver.reply):  # the commit's: answering could harm the bus
+            self.stats.dropped()
+            return  # below: the user is the offer's account, the one a large reply serves
+        await self.receive(body, receiver.reply, record, 0, receiver.owner or "")

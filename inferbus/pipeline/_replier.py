@@ -55,6 +55,11 @@ class Replier:
         )
         self._overloaded = error_reply(self._overloaded_error)
 
+    @property
+    def idle(self) -> bool:
+        """Every admitted request answered, no transfer under way."""
+        return self._idle.is_set() and not self._background
+
     def expect(self) -> None:
         """One more admitted request that must be answered before the model is idle."""
         self._outstanding += 1

@@ -27,7 +27,7 @@ from inferbus.contract import (
     requester_account,
 )
 from inferbus.engines import Engine, create_engine
-from inferbus.errors import RequestError, Unavailable
+from inferbus.errors import Unavailable
 from inferbus.pipeline._admission import Admission, Work
 from inferbus.pipeline._executor import Executor, load_engines, runs_inline
 from inferbus.pipeline._health import Health
@@ -41,7 +41,7 @@ from inferbus.pipeline.batching import BatchQueue, Scheduler
 from inferbus.pipeline.connection import confirm_subscriptions
 from inferbus.pipeline.fair import FairBatchQueue
 from inferbus.pipeline.policy import Tenancy, UserUsage
-from inferbus.pipeline.transfer import Receiver, TransferBudget, is_offer
+from inferbus.pipeline.transfer import is_offer
 from inferbus.repository import ModelConfig
 
 log = logging.getLogger("inferbus.worker")
@@ -102,9 +102,6 @@ class ServedModel:
         self._routes: list[_Route] = []
         self._unyielded = 0
         self._consumers: list[asyncio.Task[None]] = []
-        # Two requests of the largest size may arrive in chunks at once, one per sender; more
-        # are refused (429).
-        self._transfer_budget = TransferBudget(2 * self.config.max_request_bytes, share=0.5)
 
     @property
     def replier(self) -> Replier:
@@ -156,19 +153,47 @@ class ServedModel:
             asyncio.create_task(self.path.consume(instance))
             for instance in range(len(self.executor.engines))
         ]
-        name = self.config.name
         for version in (self.config.version, None) if latest else (self.config.version,):
-            record = EndpointRecord(
-                name=endpoint_name(name, version),
-                subject=infer_subject(name, version),
-                queue_group=queue_group(name, version),
-                metadata=self.metadata(),
-                data=self.stats_data,
-            )
-            route = _Route(record)
-            await self._listen(route)
-            self._routes.append(route)
-            service.endpoints.append(record)
+            await self.serve(service, version)
+
+    async def serve(self, service: MicroService, version: int | None) -> None:
+        """Subscribe one subject: this version's, or with None the unversioned one (which the
+        highest version a worker holds serves). The caller flushes."""
+        name = self.config.name
+        record = EndpointRecord(
+            name=endpoint_name(name, version),
+            subject=infer_subject(name, version),
+            queue_group=queue_group(name, version),
+            metadata=self.metadata(),
+            data=self.stats_data,
+        )
+        route = _Route(record)
+        await self._listen(route)
+        self._routes.append(route)
+        service.endpoints.append(record)
+
+    async def unserve(self, service: MicroService, version: int | None = None) -> None:
+        """Drain one subject (by default the unversioned one: a newer version took it) and
+        take its endpoint out of discovery; what was delivered is still answered."""
+        name = endpoint_name(self.config.name, version)
+        for route in [r for r in self._routes if r.record.name == name]:
+            self._routes.remove(route)
+            service.endpoints.remove(route.record)
+            if route.subscription is not None:
+                await route.subscription.drain()  # type: ignore[no-untyped-call]
+
+    @property
+    def serves_unversioned(self) -> bool:
+        return any(r.record.name == self.config.name for r in self._routes)
+
+    @property
+    def records(self) -> list[EndpointRecord]:
+        return [route.record for route in self._routes]
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, computing or being answered right now."""
+        return not len(self.queue) and (self._replier is None or self._replier.idle)
 
     async def _listen(self, route: _Route) -> None:
         record = route.record
@@ -185,7 +210,7 @@ class ServedModel:
             if roster and await self.path.refused(user, self.config.name, msg.reply, record):
                 return
             if is_offer(msg):
-                await self._accept_transfer(msg, record)
+                await self.path.accept_transfer(msg, record)
                 return
             backlog = route.subscription.pending_msgs if route.subscription is not None else 0
             if backlog >= self.config.max_queue_size:  # cannot keep up: 429 now, undecoded
@@ -263,37 +288,3 @@ class ServedModel:
         if left:
             log.warning("%s: %d queued requests dropped at close", self.config.name, len(left))
         self.executor.close()
-
-    # --- large requests, received in chunks ----------------------------------------------------
-
-    async def receive(self, data: bytearray, reply: str, record: EndpointRecord, user: str = ""
-                      ) -> None:  # fmt: skip
-        """Admit a body assembled from a transfer (see ``RequestPath.receive``)."""
-        await self.path.receive(data, reply, record, 0, user)
-
-    async def _accept_transfer(self, msg: Msg, record: EndpointRecord) -> None:
-        """An offer of a request too large for one message: receive it, then admit it."""
-        try:
-            receiver = await Receiver.accept(
-                self.replier.nats,
-                msg,
-                self.config.max_request_bytes,
-                budget=self._transfer_budget,
-                owner=requester_account(msg.headers),
-            )
-        except RequestError as exc:  # already answered to the sender
-            self.stats.request_done(exc.code)
-            return
-        self.replier.track(self._receive_transfer(receiver, record))
-
-    async def _receive_transfer(self, receiver: Receiver, record: EndpointRecord) -> None:
-        try:
-            body = await receiver.wait()
-        except RequestError as exc:  # abandoned or corrupt: the sender was told, if it listens
-            log.warning("%s: %s", self.config.name, exc)
-            self.stats.request_done(exc.code)
-            return
-        if reply_subject_problem(receiver.reply):  # the commit's: answering could harm the bus
-            self.stats.dropped()
-            return  # below: the user is the offer's account, the one a large reply serves
-        await self.receive(body, receiver.reply, record, receiver.owner or "")

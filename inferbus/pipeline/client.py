@@ -19,7 +19,7 @@ from nats.aio.client import Client as NatsClient
 
 from inferbus.codecs import Choices, InferRequest, encode_request
 from inferbus.contract import infer_subject
-from inferbus.errors import BadInput, DeadlineExceeded, RequestError, Unavailable
+from inferbus.errors import BadInput, DeadlineExceeded, ModelNotFound, RequestError, Unavailable
 from inferbus.pipeline import mapping
 from inferbus.pipeline._lifecycle import AsyncResource
 from inferbus.pipeline._threads import run_in_thread
@@ -181,7 +181,12 @@ class Client(AsyncResource):
                 request_id, named, call.outputs, int(budget * 1e6), call.reply_codec
             )
             body = encode_request(request, call.codec)
-            data = await self._connected().exchange(call.subject, body, budget, remaining)
+            try:
+                data = await self._connected().exchange(call.subject, body, budget, remaining)
+            except ModelNotFound:  # deployed in a store, perhaps: a worker may load it now
+                if await self._directory().demand(call.model, call.version, remaining):
+                    raise Unavailable("loaded on demand by the model store; sent again") from None
+                raise
         limit = self.reply_limits.max_bytes
         if needs_thread(data):
             return await run_in_thread(None, read_result, data, request_id, limit, attempt)
@@ -283,13 +288,11 @@ def connect(
     max_reply_bytes: int = REPLY_BYTES,
     max_reply_bytes_in_flight: int = IN_FLIGHT,
 ) -> Client:
-    """A client for ``servers`` (default ``$INFERBUS_SERVERS`` or nats://127.0.0.1:4222):
-    ``async with inferbus.connect(...) as client``. ``connection``: a file from ``inferbus
-    roster apply`` (servers, key, CA; default ``$INFERBUS_CONNECTION``); ``creds``: a NATS
-    credentials file; ``nkey``: a file holding an nkey seed; ``tls_*``: PEM paths. What is
-    given overrides the environment and the file. ``max_in_flight`` requests wait for replies
-    at once; ``retry``: how requests are tried again within each call's ``timeout``; a reply
-    may take ``max_reply_bytes``, reply transfers ``max_reply_bytes_in_flight`` (else 413)."""
+    """A client for ``servers`` (default ``$INFERBUS_SERVERS`` or nats://127.0.0.1:4222).
+    ``connection``: a file from ``inferbus roster apply`` (default ``$INFERBUS_CONNECTION``);
+    ``creds``, ``nkey``, ``tls_*``: files; what is given overrides the environment and the
+    file. ``max_in_flight`` requests wait for replies at once; ``retry``: how requests are
+    tried again in each call's ``timeout``; replies take at most ``max_reply_bytes``."""
     identity = {"connection": connection, "creds": creds, "nkey": nkey}
     tls = {"tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
     options = ConnectOptions.given(servers, name=name, **identity, **tls)

@@ -15,8 +15,16 @@ import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from inferbus.contract import Signature, Tensors, infer_subject, service_subject
-from inferbus.errors import BadInput, ModelNotFound
+from inferbus.contract import (
+    Signature,
+    Tensors,
+    error_from_reply,
+    infer_subject,
+    service_subject,
+)
+from inferbus.errors import BadInput, ModelNotFound, Unavailable
+from inferbus.pipeline.nats_errors import nats_errors
+from inferbus.store.records import DEMAND_SUBJECT
 
 DESCRIBE_TTL_S: Final = 60.0  # a redeployed model is seen after this long
 
@@ -153,6 +161,22 @@ class Directory:
                                 model=model)  # fmt: skip
         self._described[key] = (found[-1], time.monotonic())
         return found[-1]
+
+    async def demand(self, model: str, version: int | None, timeout: float) -> bool:
+        """Ask the model store's workers to load a deployed model that no worker serves now:
+        True once one serves it; False when no worker follows a store. A store that cannot
+        (not deployed, no room) raises its coded error."""
+        body = orjson.dumps({"model": model, "version": version})
+        try:
+            with nats_errors(DEMAND_SUBJECT, timeout, nobody=Unavailable):
+                reply = await self.nats.request(DEMAND_SUBJECT, body, timeout=timeout)
+        except Unavailable:
+            return False
+        error = error_from_reply(reply.headers, reply.data, model=model)
+        if error is not None:
+            raise error
+        self._described.pop((model, version), None)
+        return True
 
     async def named(self, model: str, version: int | None, inputs: Any) -> Tensors:
         """Tensors arrays as they are; a bare array goes to the model's only input."""

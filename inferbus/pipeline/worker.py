@@ -15,6 +15,7 @@ import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nats.aio.client import Client as NatsClient
 
@@ -32,6 +33,9 @@ from inferbus.pipeline.connection import (
 from inferbus.pipeline.liveness import Liveness
 from inferbus.pipeline.policy import Tenancy
 from inferbus.repository import ModelConfig
+
+if TYPE_CHECKING:
+    from inferbus.store.reconcile import Reconciler, StoreSettings
 from inferbus.version import __version__
 
 log = logging.getLogger("inferbus.worker")
@@ -48,13 +52,17 @@ class Worker(AsyncResource):
         *,
         metrics_port: int | None = None,
         roster: Path | None = None,
+        store: StoreSettings | None = None,
     ) -> None:
         """``roster``: serve a shared bus (docs/SECURITY.md): identify users by their NATS
         account, enforce the roster's grants and quotas, queue users fairly. The file is
-        re-read when it changes."""
+        re-read when it changes. ``store``: also serve what is deployed in the model store
+        (docs/STORE.md), as far as these settings leave room."""
         self.configs = list(configs)
         self.tenancy = Tenancy(roster) if roster is not None else None
         self.options = options or ConnectOptions(name="inferbus-worker")
+        self.store = store
+        self._reconciler: Reconciler | None = None
         self.metrics_port = metrics_port
         self.metrics: MetricsServer | None = None
         self.models: list[ServedModel] = []
@@ -65,6 +73,12 @@ class Worker(AsyncResource):
         self._stop_requested = asyncio.Event()
         self._stopping = False
         self._lost_connection = False
+
+    @property
+    def nats(self) -> NatsClient:
+        if self._client is None:
+            raise RuntimeError("worker not started")
+        return self._client
 
     @property
     def service(self) -> MicroService:
@@ -92,6 +106,11 @@ class Worker(AsyncResource):
             await model.start(client, self._service, latest=self._is_latest(model.config))
         await confirm_subscriptions(client)  # only then are we routed requests
         self._watchdog = asyncio.create_task(self._watch())
+        if self.store is not None:
+            from inferbus.store.reconcile import Reconciler  # JetStream: only when asked for
+
+            self._reconciler = Reconciler(self, self.store)
+            await self._reconciler.start()
         if self.metrics_port is not None:
             self.metrics = MetricsServer(lambda: self.models, self.metrics_port)
             log.info("Prometheus metrics on port %d", self.metrics.port)
@@ -99,10 +118,49 @@ class Worker(AsyncResource):
         url = client.connected_url.geturl() if client.connected_url else "?"
         log.info("worker %s serving %s on %s", self._service.id, names, url)
 
-    def _check_endpoint_names(self) -> None:
+    async def add_model(self, config: ModelConfig) -> ServedModel:
+        """Load and serve a model version while running (the store does). A version above
+        those held takes over the unversioned subject once it is subscribed; nothing sent
+        to the one it replaces is lost (that one drains)."""
+        if any(c.name == config.name and c.version == config.version for c in self.configs):
+            raise ConfigError(f"{config.name} v{config.version} is served here already")
+        self._check_endpoint_names([*self.configs, config])
+        served = await load_served_model(config, self.tenancy)
+        older = [m for m in self.models if m.config.name == config.name]
+        latest = all(m.config.version < config.version for m in older)
+        try:
+            await served.start(self.nats, self.service, latest=latest)
+            await confirm_subscriptions(self.nats)
+        except BaseException:
+            await served.drain()
+            await served.close()
+            raise
+        self.models.append(served)
+        self.configs.append(config)
+        for model in older if latest else []:
+            await model.unserve(self.service)
+        return served
+
+    async def remove_model(self, served: ServedModel) -> None:
+        """Stop serving a model version: the next version down takes over the unversioned
+        subject first, then this one drains (everything delivered is answered) and unloads."""
+        self.models.remove(served)
+        self.configs.remove(served.config)
+        if served.serves_unversioned:
+            rest = [m for m in self.models if m.config.name == served.config.name]
+            if rest:
+                await max(rest, key=lambda m: m.config.version).serve(self.service, None)
+                await confirm_subscriptions(self.nats)
+        await served.drain()
+        for record in served.records:
+            self.service.endpoints.remove(record)
+        await served.close()
+
+    def _check_endpoint_names(self, configs: Sequence[ModelConfig] | None = None) -> None:
         # Model "add_v2" and version 2 of "add" would both be an endpoint named "add_v2".
-        names = {c.name for c in self.configs}
-        versioned = sorted(endpoint_name(c.name, c.version) for c in self.configs)
+        configs = self.configs if configs is None else configs
+        names = {c.name for c in configs}
+        versioned = sorted(endpoint_name(c.name, c.version) for c in configs)
         clashing = [name for name in versioned if name in names]
         if clashing:
             raise ConfigError(f"model names {clashing} clash with versioned endpoint names")
@@ -154,6 +212,9 @@ class Worker(AsyncResource):
     async def stop(self) -> None:
         """Stop taking requests, answer those already received, close."""
         self._stopping = True
+        if self._reconciler is not None:
+            await self._reconciler.stop()
+            self._reconciler = None
         if self._liveness is not None:
             await self._liveness.stop()
         client, self._client = self._client, None

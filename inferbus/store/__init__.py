@@ -1,0 +1,2 @@
+"""The model store: model folders deployed at run time through NATS JetStream (records.py,
+archive.py, the store client, and the worker's reconciler)."""
