@@ -16,6 +16,13 @@ A TOML file that a class or a lab keeps (docs/SECURITY.md walks through one)::
     groups = ["class"]
     models = ["embeddings"]          # grants beyond the groups'
     rate = 50                        # a user's own value overrides the groups'
+    deploy = ["lab-*"]               # model names to deploy beyond her own "alice-*"
+    deploy_code = false              # may her model folders ship Python (engine_class)?
+    stored_mb = 1024                 # archives her deployments keep in the store
+    deployments = 4                  # deployments she may have at once
+
+Every user may deploy, and call, models named ``<user>-<anything>``; ``deploy``, the last
+three limits and ``deploy_code`` may also be set on groups (the most generous value wins).
 
 From it ``inferbus`` generates the nats-server configuration (an account per user, the
 workers' account exporting the model subjects) and each identity's credentials; workers read
@@ -40,7 +47,11 @@ WORKERS_ACCOUNT: Final = "INFERBUS"
 SYSTEM_ACCOUNT: Final = "SYS"
 RESERVED_NAMES: Final = frozenset({WORKERS_ACCOUNT.lower(), SYSTEM_ACCOUNT.lower(), "$g"})
 _SECTIONS: Final = frozenset({"admins", "workers", "groups", "users", "server"})
-_QUOTA_KEYS: Final = frozenset({"rate", "burst", "rows_in_flight"})
+_QUOTA_KEYS: Final = frozenset({"rate", "burst", "rows_in_flight", "stored_mb", "deployments"})
+_OTHER_KEYS: Final = frozenset({"models", "deploy", "deploy_code"})
+#: what a user may keep in the model store unless the roster says otherwise
+DEFAULT_STORED_MB: Final = 1024
+DEFAULT_DEPLOYMENTS: Final = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,14 +71,37 @@ UNLIMITED: Final = Quota()
 
 
 @dataclass(frozen=True, slots=True)
+class DeployRights:
+    """What a user may put in the model store."""
+
+    patterns: tuple[str, ...] = ()  # model names beyond the user's own prefix
+    code: bool = False  # folders with Python files (engine_class)
+    stored_mb: int = DEFAULT_STORED_MB
+    deployments: int = DEFAULT_DEPLOYMENTS
+
+
+@dataclass(frozen=True, slots=True)
 class User:
     name: str
     groups: tuple[str, ...] = ()
     models: tuple[str, ...] = ()  # grants: names or fnmatch patterns
     quota: Quota = UNLIMITED
+    deploy: DeployRights = DeployRights()
+
+    @property
+    def prefix(self) -> str:
+        """The model names a user owns: ``<user>-...``."""
+        return f"{self.name}-"
 
     def may_use(self, model: str) -> bool:
+        if model.startswith(self.prefix):
+            return True
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+    def may_deploy(self, model: str) -> bool:
+        if model.startswith(self.prefix) and len(model) > len(self.prefix):
+            return True
+        return any(fnmatch.fnmatchcase(model, p) for p in self.deploy.patterns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,21 +178,26 @@ def _check_name(kind: str, name: str) -> None:
 class _Group:
     models: tuple[str, ...]
     limits: Mapping[str, Any]
+    deploy: tuple[str, ...] = ()
 
 
-def _models(where: str, value: Any) -> tuple[str, ...]:
+def _models(where: str, value: Any, key: str = "models") -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{where}: models is a list of model names or patterns")
+        raise ConfigError(f"{where}: {key} is a list of model names or patterns")
     return tuple(value)
 
 
 def _limits(where: str, table: Mapping[str, Any]) -> dict[str, Any]:
     limits = {key: table[key] for key in _QUOTA_KEYS if key in table}
+    if "deploy_code" in table:
+        if type(table["deploy_code"]) is not bool:
+            raise ConfigError(f"{where}: deploy_code is true or false")
+        limits["deploy_code"] = table["deploy_code"]
     rate = limits.get("rate")
     if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float)
                              or rate <= 0):  # fmt: skip
         raise ConfigError(f"{where}: rate is a number of requests per second > 0")
-    for key in ("burst", "rows_in_flight"):
+    for key in ("burst", "rows_in_flight", "stored_mb", "deployments"):
         value = limits.get(key)
         if value is not None and (type(value) is not int or value < 1):
             raise ConfigError(f"{where}: {key} is an integer >= 1")
@@ -167,15 +206,16 @@ def _limits(where: str, table: Mapping[str, Any]) -> dict[str, Any]:
 
 def _group(name: str, table: Mapping[str, Any]) -> _Group:
     where = f"[groups.{name}]"
-    unknown = sorted(set(table) - _QUOTA_KEYS - {"models"})
+    unknown = sorted(set(table) - _QUOTA_KEYS - _OTHER_KEYS)
     if unknown:
         raise ConfigError(f"{where}: unknown keys {unknown}")
-    return _Group(_models(where, table.get("models", [])), _limits(where, table))
+    deploy = _models(where, table.get("deploy", []), "deploy")
+    return _Group(_models(where, table.get("models", [])), _limits(where, table), deploy)
 
 
 def _user(name: str, table: Mapping[str, Any], groups: Mapping[str, _Group]) -> User:
     where = f"[users.{name}]"
-    unknown = sorted(set(table) - _QUOTA_KEYS - {"models", "groups"})
+    unknown = sorted(set(table) - _QUOTA_KEYS - _OTHER_KEYS - {"groups"})
     if unknown:
         raise ConfigError(f"{where}: unknown keys {unknown}")
     member_of = table.get("groups", [])
@@ -188,18 +228,39 @@ def _user(name: str, table: Mapping[str, Any], groups: Mapping[str, _Group]) -> 
     for group in member_of:
         models += [m for m in groups[group].models if m not in models]
     own = _limits(where, table)
-    return User(name, tuple(member_of), tuple(models),
-                _quota(own, [groups[g].limits for g in member_of]))  # fmt: skip
+    group_limits = [groups[g].limits for g in member_of]
+    deploy = list(_models(where, table.get("deploy", []), "deploy"))
+    for group in member_of:
+        deploy += [p for p in groups[group].deploy if p not in deploy]
+    return User(name, tuple(member_of), tuple(models), _quota(own, group_limits),
+                _deploy_rights(tuple(deploy), own, group_limits))  # fmt: skip
+
+
+def _pick(key: str, own: Mapping[str, Any], group_limits: list[Mapping[str, Any]]) -> Any:
+    """The user's own value for a limit, else the most generous of their groups', else None."""
+    if key in own:
+        return own[key]
+    values = [limits[key] for limits in group_limits if key in limits]
+    return max(values) if values else None
+
+
+def _deploy_rights(patterns: tuple[str, ...], own: Mapping[str, Any],
+                   group_limits: list[Mapping[str, Any]]) -> DeployRights:  # fmt: skip
+    stored = _pick("stored_mb", own, group_limits)
+    count = _pick("deployments", own, group_limits)
+    return DeployRights(
+        patterns,
+        bool(_pick("deploy_code", own, group_limits)),
+        DEFAULT_STORED_MB if stored is None else stored,
+        DEFAULT_DEPLOYMENTS if count is None else count,
+    )
 
 
 def _quota(own: Mapping[str, Any], group_limits: list[Mapping[str, Any]]) -> Quota:
     """The user's own value for each limit, else the most generous of their groups'."""
 
     def pick(key: str) -> Any:
-        if key in own:
-            return own[key]
-        values = [limits[key] for limits in group_limits if key in limits]
-        return max(values) if values else None
+        return _pick(key, own, group_limits)
 
     rate = pick("rate")
     burst = pick("burst")

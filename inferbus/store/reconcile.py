@@ -32,9 +32,10 @@ from nats.js.errors import KeyWrongLastSequenceError
 from inferbus.contract import error_reply
 from inferbus.errors import ConfigError, ModelNotFound, RequestError, Unavailable
 from inferbus.repository import load_model_config
-from inferbus.store.archive import unpack
+from inferbus.store.archive import has_code, unpack
 from inferbus.store.client import Store
 from inferbus.store.records import DEMAND_SUBJECT, Deployment, deployment_key
+from inferbus.store.service import DeployService
 
 if TYPE_CHECKING:
     from inferbus.pipeline._served import ServedModel
@@ -104,6 +105,7 @@ class Reconciler:
         )
         self.settings.cache_dir.mkdir(parents=True, exist_ok=True)
         await nats.subscribe(DEMAND_SUBJECT, queue=DEMAND_QUEUE, cb=self._on_demand)
+        await DeployService(nats, self._store, self.worker.tenancy).start()
         self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._tick())]
 
     async def stop(self) -> None:
@@ -212,10 +214,10 @@ class Reconciler:
     async def _load(self, deployment: Deployment) -> ServedModel:
         started = time.monotonic()
         folder = await self._fetch(deployment)
-        if not self.settings.allow_code and any(folder.rglob("*.py")):
+        if not self.settings.allow_code and has_code(folder):
             raise ConfigError(
-                "the model folder ships Python code (engine_class); this worker loads code "
-                "only when started with --allow-code"
+                "the model folder ships code (an engine_class .py, or a native library); this "
+                "worker loads code only when started with --allow-code"
             )
         config = load_model_config(folder)
         config = dataclasses.replace(config, name=deployment.model, version=deployment.version)
