@@ -25,12 +25,13 @@ READY_TIMEOUT_S = 60.0
 
 
 @contextlib.contextmanager
-def _nats(servers: str | None) -> Iterator[str]:
+def _nats(servers: str | None, jetstream: bool, store_dir: Path | None) -> Iterator[str]:
     if servers:
         yield servers
         return
-    with EmbeddedServer() as server:
-        print(f"[demo] started nats-server at {server.url}", flush=True)
+    with EmbeddedServer(jetstream=jetstream, store_dir=store_dir) as server:
+        where = f"; JetStream in {server.jetstream_dir}" if jetstream else ""
+        print(f"[demo] started nats-server at {server.url}{where}", flush=True)
         yield server.url
 
 
@@ -63,12 +64,20 @@ async def _wait_until_served(url: str, names: set[str], worker: subprocess.Popen
     raise InferbusError(f"worker did not serve {sorted(names)} within {READY_TIMEOUT_S:g}s")
 
 
-def run_demo(*, repo: Path, app: Path, servers: str | None) -> int:
-    """Run the deployment; the app's exit status (non-zero when its checks fail)."""
+def run_demo(
+    *,
+    repo: Path,
+    app: Path,
+    servers: str | None,
+    jetstream: bool = True,
+    store_dir: Path | None = None,
+) -> int:
+    """Run the deployment; the app's exit status (non-zero when its checks fail). The server
+    started runs JetStream (the model store) in ``store_dir`` unless ``jetstream`` is off."""
     if not app.is_file():
         raise InferbusError(f"example application {app} not found (run from the project root)")
     names = {config.name for config in load_repository(repo)}
-    with _nats(servers) as url, _worker(repo, url) as worker:
+    with _nats(servers, jetstream, store_dir) as url, _worker(repo, url) as worker:
         asyncio.run(_wait_until_served(url, names, worker))
         print(f"[demo] worker ready; running {app}", flush=True)
         return subprocess.run(

@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 import numpy as np
 import orjson
 
-from inferbus.errors import InferbusError
+from inferbus.errors import ConfigError, InferbusError
+from inferbus.natsserver import default_store_dir
 from inferbus.pipeline.client import Client
 from inferbus.pipeline.connection import (
     CONNECTION_ENV,
@@ -26,8 +27,13 @@ from inferbus.pipeline.connection import (
 from inferbus.pipeline.discovery import ModelInfo
 from inferbus.pipeline.worker import Worker
 from inferbus.repository import load_repository
+from inferbus.store.commands import COMMANDS as STORE_COMMANDS
+from inferbus.store.commands import Handler
+from inferbus.store.reconcile import StoreSettings
+from inferbus.store.worker_flags import store_settings, store_worker_args
 from inferbus.tenancy.commands import (
     cmd_roster,
+    jetstream_options,
     open_settings,
     roster_args,
     roster_server,
@@ -40,6 +46,7 @@ from inferbus.version import __version__
 log = logging.getLogger("inferbus")
 T = TypeVar("T")
 ROSTER_ENV = "INFERBUS_ROSTER"
+DEMO_STORE_DIR = default_store_dir().parent / "demo-jetstream"  # apart from `inferbus server`'s
 _LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})  # where an open server is safe
 
 
@@ -63,6 +70,12 @@ def connect_options(args: argparse.Namespace, name: str) -> ConnectOptions:
 # --- server / worker / up ----------------------------------------------------------------------
 
 
+def _jetstream_line(store_dir: Path | None) -> str:
+    if store_dir is None:
+        return "JetStream off: no model store (`inferbus deploy` needs it)"
+    return f"JetStream on: the model store is kept in {store_dir}"
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     running = roster_server(args, monitor_port=args.monitor_port) if args.roster else None
     server = running.server if running else open_settings(args).server("", args.monitor_port)
@@ -70,6 +83,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         print(f"nats-server listening on {server.url} (max_payload {server.max_payload} bytes)")
         if args.monitor_port:
             print(f"monitoring on http://{server.host}:{args.monitor_port} (no authentication)")
+        print(_jetstream_line(server.jetstream_dir))
         if running is not None:
             print(f"roster {args.roster}; connection files in {running.state}")
         elif server.host not in _LOOPBACK:
@@ -82,24 +96,27 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 async def _serve(
-    repo: Path,
+    repo: Path | None,
     options: ConnectOptions,
     only: Sequence[str],
     metrics_port: int | None = None,
     *,
     roster: Path | None = None,
     following: RosterServer | None = None,
+    store: StoreSettings | None = None,
 ) -> int:
     """Serve ``repo`` until SIGTERM/SIGINT; with ``following``, keep that server in step with
     its roster meanwhile (``inferbus up --roster``)."""
-    configs = load_repository(repo)
+    configs = load_repository(repo) if repo is not None else []
     if only:
         unknown = set(only) - {c.name for c in configs}
         if unknown:
             raise InferbusError(f"{repo} has no model named {sorted(unknown)}")
         configs = [c for c in configs if c.name in only]
     hangup = asyncio.Event()
-    async with Worker(configs, options, metrics_port=metrics_port, roster=roster) as worker:
+    async with Worker(
+        configs, options, metrics_port=metrics_port, roster=roster, store=store
+    ) as worker:
         with signal_handlers({signal.SIGHUP: hangup.set} if following else {}):
             print(f"worker ready: {len(configs)} model version(s) on {options.servers[0]}",
                   flush=True)  # fmt: skip
@@ -113,7 +130,11 @@ async def _serve(
 
 def cmd_worker(args: argparse.Namespace) -> int:
     options = connect_options(args, "inferbus-worker")
-    return run_async(_serve(args.repo, options, args.model, args.metrics_port, roster=args.roster))
+    store = store_settings(args)
+    if args.repo is None and store is None:
+        raise ConfigError("give a model repository, or --store to serve what is deployed")
+    return run_async(_serve(args.repo, options, args.model, args.metrics_port,
+                            roster=args.roster, store=store))  # fmt: skip
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -128,6 +149,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     with server:
         where = f"; roster {args.roster}, connection files in {running.state}" if running else ""
         print(f"nats-server listening on {server.url}{where}", flush=True)
+        print(_jetstream_line(server.jetstream_dir))
         serving = _serve(args.repo, options, args.model, roster=args.roster, following=running)
         return run_async(serving)
 
@@ -304,7 +326,9 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from inferbus._demo import run_demo
 
-    return run_demo(repo=args.repo, app=args.app, servers=args.servers)
+    store_dir = args.store_dir or DEMO_STORE_DIR
+    return run_demo(repo=args.repo, app=args.app, servers=args.servers,
+                    jetstream=args.jetstream is not False, store_dir=store_dir)  # fmt: skip
 
 
 # --- parser -----------------------------------------------------------------------------------
@@ -366,7 +390,14 @@ def _commands() -> list[tuple[str, Callable[[argparse.Namespace], int], str, Con
         ("bench", cmd_bench, "latency and throughput under load", _bench_args, True),
         ("build", cmd_build, "build (or find) a model's TensorRT plan", _build_args, False),
         ("demo", cmd_demo, "server, worker and the digits app", _demo_args, False),
+        *((name, _store_command(handler), summary, configure, True)
+          for name, handler, summary, configure in STORE_COMMANDS),
     ]  # fmt: skip
+
+
+def _store_command(handler: Handler) -> Callable[[argparse.Namespace], int]:
+    """A model-store command (inferbus/store/commands.py) run with the connection flags."""
+    return lambda args: run_async(handler(args, connect_options(args, "inferbus-store")))
 
 
 def _server_args(parser: argparse.ArgumentParser) -> None:
@@ -384,15 +415,19 @@ def _server_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _repo_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("repo", type=Path, help="model repository: <repo>/<model>/config.toml")
+def _repo_args(parser: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    help_text = "model repository: <repo>/<model>/config.toml"
+    if optional:  # a worker may serve only what the model store deploys
+        parser.add_argument("repo", type=Path, nargs="?", help=f"{help_text} (or only --store)")
+    else:
+        parser.add_argument("repo", type=Path, help=help_text)
     parser.add_argument(
         "--model", action="append", default=[], help="serve only this model (repeatable)"
     )
 
 
 def _worker_args(parser: argparse.ArgumentParser) -> None:
-    _repo_args(parser)
+    _repo_args(parser, optional=True)
     parser.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics (inferbus_*) on this port"
     )
@@ -403,6 +438,7 @@ def _worker_args(parser: argparse.ArgumentParser) -> None:
         help="on a shared bus: enforce this roster's grants and quotas (re-read on change); "
         f"connect with --connection FILE of a worker identity (default ${ROSTER_ENV})",
     )
+    store_worker_args(parser)
     parser.epilog = "Stops gracefully on SIGTERM/SIGINT: requests already received are answered."
 
 
@@ -487,6 +523,7 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
         "--app", type=Path, default=Path("examples/digits_app.py"), help="the application to run"
     )
     parser.add_argument("--servers", help="use this NATS server instead of starting one")
+    jetstream_options(parser, default=str(DEMO_STORE_DIR))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,11 +3,13 @@
 ``inferbus server`` runs it in the foreground; the test-suite uses the same class for a real
 server on a free port. Production points inferbus at an existing server or cluster instead.
 On a shared bus the roster's accounts (``inferbus.tenancy``) go into its configuration, and
-``reload`` changes them while clients stay connected.
+``reload`` changes them while clients stay connected. With ``jetstream=True`` it also runs
+JetStream, which holds the model store (``inferbus.store``).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -25,6 +27,9 @@ from inferbus.errors import ConfigError, ServerError
 DEFAULT_PORT = 4222
 # NATS defaults to 1 MB; its docs recommend at most 8 MB, which fits most image tensors.
 DEFAULT_MAX_PAYLOAD = 8 * 1024 * 1024
+# JetStream's own default is 75% of the machine's memory: too greedy beside a GPU worker. The
+# model store keeps its files on disk; memory holds nothing of size.
+DEFAULT_MAX_MEMORY_STORE = 256 * 1024 * 1024
 # What nats-server logs once it has acted on a SIGHUP, either way.
 _RELOADED = "Reloaded server configuration"
 _RELOAD_FAILED = "Failed to reload server configuration"
@@ -57,6 +62,32 @@ def quote(value: str) -> str:
     if not value or not value.isprintable() or '"' in value or "\\" in value:
         raise ConfigError(f"{value!r} cannot be written into a nats-server config")
     return f'"{value}"'
+
+
+def default_store_dir() -> Path:
+    """Where ``inferbus server`` keeps JetStream's files (the model store) unless told:
+    ``$XDG_DATA_HOME/inferbus/jetstream``, by default ``~/.local/share/inferbus/jetstream``."""
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "inferbus" / "jetstream"
+
+
+def lock_store_dir(store_dir: Path) -> int:
+    """Create ``store_dir`` (0700) and lock it for this process: nats-server does not, and two
+    servers writing one store would corrupt it. The lock lasts until the descriptor returned
+    is closed (or the process ends)."""
+    store_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return os.open(os.devnull, os.O_RDONLY)
+    descriptor = os.open(store_dir / ".inferbus.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(descriptor)
+        raise ServerError(f"JetStream store {store_dir} is in use by another server: give "
+                          "this one a --store-dir of its own") from None  # fmt: skip
+    return descriptor
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +126,10 @@ class EmbeddedServer:
 
     ``port=0`` picks a free port. ``monitor_port`` enables the HTTP monitoring endpoint.
     ``accounts`` is an ``accounts { ... }`` block (``inferbus.tenancy.accounts_config``);
-    ``tls`` makes clients connect with TLS.
+    ``tls`` makes clients connect with TLS. ``jetstream`` turns JetStream on, storing in
+    ``store_dir`` (a cluster node in its subfolder named after the node; default: a folder in
+    the server's temporary workdir, removed at ``stop``), which it locks while it runs;
+    ``max_file_store`` bounds its disk use (default: nats-server's, 75% of the free space).
     """
 
     def __init__(
@@ -109,9 +143,15 @@ class EmbeddedServer:
         cluster: Cluster | None = None,
         tls: ServerTLS | None = None,
         accounts: str = "",
+        jetstream: bool = False,
+        store_dir: Path | None = None,
+        max_memory_store: int = DEFAULT_MAX_MEMORY_STORE,
+        max_file_store: int | None = None,
     ) -> None:
         if max_payload <= 0 or max_payload > 64 * 1024 * 1024:
             raise ServerError("max_payload must be between 1 byte and 64 MiB (nats-server's cap)")
+        if max_memory_store < 0 or (max_file_store is not None and max_file_store < 0):
+            raise ServerError("JetStream's store limits are numbers of bytes >= 0")
         self.host = host
         self.port = port or free_port(host)
         self.max_payload = max_payload
@@ -120,8 +160,13 @@ class EmbeddedServer:
         self.cluster = cluster
         self.tls = tls
         self.accounts = accounts
+        self.jetstream = jetstream
+        self.store_dir = store_dir
+        self.max_memory_store = max_memory_store
+        self.max_file_store = max_file_store
         self._process: subprocess.Popen[bytes] | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
+        self._store_lock: int | None = None  # a file descriptor, held while the server runs
 
     @property
     def url(self) -> str:
@@ -156,9 +201,31 @@ class EmbeddedServer:
             lines += self.tls.config_lines()
         if self.cluster is not None:
             lines += self.cluster.config_lines(self.host)
+        if self.jetstream:
+            lines.append(self._jetstream_block())
         if self.accounts:
             lines.append(self.accounts.rstrip("\n"))
         return "\n".join(lines) + "\n" + self.extra_config
+
+    @property
+    def jetstream_dir(self) -> Path | None:
+        """Where JetStream stores: ``store_dir`` (on a cluster node, its subfolder named after
+        the node), else (once started) the temporary one."""
+        if not self.jetstream:
+            return None
+        if self.store_dir is not None:
+            # Nodes of one cluster never share a store, even when given one folder.
+            named = self.cluster.server_name if self.cluster is not None else None
+            return self.store_dir / named if named else self.store_dir
+        return Path(self._workdir.name) / "jetstream" if self._workdir is not None else None
+
+    def _jetstream_block(self) -> str:
+        lines = [f"  max_memory_store: {self.max_memory_store}"]
+        if self.jetstream_dir is not None:  # known once started, unless given
+            lines.insert(0, f"  store_dir: {quote(str(self.jetstream_dir))}")
+        if self.max_file_store is not None:
+            lines.append(f"  max_file_store: {self.max_file_store}")
+        return "jetstream {\n" + "\n".join(lines) + "\n}"
 
     def _paths(self) -> tuple[Path, Path]:
         if self._workdir is None:
@@ -170,6 +237,8 @@ class EmbeddedServer:
         """Start the server and return once it accepts TCP connections."""
         if self._process is not None:
             raise ServerError("server already started")
+        if self.jetstream and self.store_dir is not None:
+            self._store_lock = lock_store_dir(self.jetstream_dir or self.store_dir)
         self._workdir = tempfile.TemporaryDirectory(prefix="inferbus-nats-")
         config, log = self._paths()
         config.write_text(self.config_text())
@@ -251,6 +320,9 @@ class EmbeddedServer:
         if self._workdir is not None:
             self._workdir.cleanup()
             self._workdir = None
+        if self._store_lock is not None:
+            os.close(self._store_lock)  # releases the lock
+            self._store_lock = None
 
     def kill(self) -> None:
         """SIGKILL the server, as a crash would (failure tests); ``stop`` still cleans up."""

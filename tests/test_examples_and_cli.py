@@ -132,8 +132,9 @@ def test_commands_fail_clearly_without_a_server(capsys: pytest.CaptureFixture[st
     assert "is not a folder" in capsys.readouterr().err
 
 
-def test_demo_runs_end_to_end() -> None:
-    result = run_cli("demo")
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    # Its model store in a folder of its own, not in this machine's ~/.local/share.
+    result = run_cli("demo", env={"XDG_DATA_HOME": str(tmp_path)})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "accuracy, remote  0.9" in result.stdout
     assert "360/360 predictions identical" in result.stdout

@@ -24,6 +24,7 @@ def test_exported_members() -> None:
         "repository",
         "roster",
         "status",
+        "store",
         "tenancy",
         "version",
     }

@@ -160,7 +160,7 @@ def test_the_accounts_block_has_one_account_per_user_and_public_keys_only() -> N
     assert '"INFERBUS": {' in text
     assert '"u": {' in text
     assert text.count("allow_responses: true") == 1  # the worker's
-    assert text.count("share: true") == 3  # infer, transfer, $SRV
+    assert text.count("share: true") == 4  # infer, transfer, the model store, $SRV
     with pytest.raises(ConfigError, match="no public key"):
         accounts_config(roster, {})
     with pytest.raises(ConfigError, match="not an nkey user public key"):

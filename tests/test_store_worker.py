@@ -15,8 +15,8 @@ import pytest
 import inferbus
 from inferbus.store.archive import pack
 from inferbus.store.client import Store
-from inferbus.store.records import FILES_BUCKET, Deployment
 from inferbus.store.reconcile import StoreSettings
+from inferbus.store.records import FILES_BUCKET, Deployment
 from tests.conftest import TEST_MODELS
 
 X = np.ones((2, 4), np.float32)
@@ -57,6 +57,15 @@ async def served(client: inferbus.Client, model: str, version: int) -> bool:
     return any(m.name == model and m.version == version for m in await client.models(timeout=0.2))
 
 
+async def until_served(client: inferbus.Client, model: str, version: int, *, wanted: bool) -> None:
+    """Wait (each look gathers discovery answers for 0.2 s) until the version is, or is no
+    longer, served."""
+    for _ in range(150):
+        if await served(client, model, version) == wanted:
+            return
+    raise AssertionError(f"{model} v{version} {'never' if wanted else 'still'} served")
+
+
 async def test_a_deployed_model_is_served_and_undeploying_drains_it(
     jetstream: inferbus.EmbeddedServer, store: Store, tmp_path: Path
 ) -> None:
@@ -77,8 +86,7 @@ async def test_a_deployed_model_is_served_and_undeploying_drains_it(
         assert all(
             isinstance(a, inferbus.ModelNotFound) for a in answers if isinstance(a, BaseException)
         )
-        while await served(client, "add", 1):
-            await asyncio.sleep(0.05)
+        await until_served(client, "add", 1, wanted=False)
         with pytest.raises(inferbus.ModelNotFound, match="not deployed"):
             await client.infer("add", {"x": X}, timeout=5)
 
@@ -92,6 +100,8 @@ async def test_a_rollout_under_load_loses_nothing(
         seen: list[float] = []
         errors: list[BaseException] = []
         stop = asyncio.Event()
+        enough = asyncio.Event()
+        wanted = [0]  # how many answers make enough
 
         async def load() -> None:
             while not stop.is_set():
@@ -99,17 +109,17 @@ async def test_a_rollout_under_load_loses_nothing(
                     seen.append(float((await client.infer("add", {"x": X}))["y"][0, 0]))
                 except inferbus.RequestError as exc:
                     errors.append(exc)
+                if wanted[0] and len(seen) >= wanted[0]:
+                    enough.set()
 
         callers = [asyncio.create_task(load()) for _ in range(8)]
         await deploy(store, TEST_MODELS / "add_v2", "add", 2, tmp_path)
-        while not await served(client, "add", 2):
-            await asyncio.sleep(0.05)
+        await until_served(client, "add", 2, wanted=True)
         await store.delete("add", 1)  # what `inferbus deploy --replace` does once v2 serves
-        while await served(client, "add", 1):
-            await asyncio.sleep(0.05)
+        await until_served(client, "add", 1, wanted=False)
         after = len(seen)
-        while len(seen) < after + 50:
-            await asyncio.sleep(0.01)
+        wanted[0] = after + 50
+        await enough.wait()
         stop.set()
         await asyncio.gather(*callers)
     assert errors == []

@@ -31,7 +31,6 @@ from inferbus.errors import Unavailable
 from inferbus.pipeline._admission import Admission, Work
 from inferbus.pipeline._executor import Executor, load_engines, runs_inline
 from inferbus.pipeline._health import Health
-from inferbus.pipeline._lifecycle import cancel_and_wait
 from inferbus.pipeline._path import RequestPath
 from inferbus.pipeline._replier import Replier
 from inferbus.pipeline._service import EndpointRecord, MicroService
@@ -40,6 +39,7 @@ from inferbus.pipeline._threads import run_in_thread
 from inferbus.pipeline.batching import BatchQueue, Scheduler
 from inferbus.pipeline.connection import confirm_subscriptions
 from inferbus.pipeline.fair import FairBatchQueue
+from inferbus.pipeline.lifecycle import cancel_and_wait
 from inferbus.pipeline.policy import Tenancy, UserUsage
 from inferbus.pipeline.transfer import is_offer
 from inferbus.repository import ModelConfig

@@ -21,10 +21,10 @@ from inferbus.codecs import Choices, InferRequest, encode_request
 from inferbus.contract import infer_subject
 from inferbus.errors import BadInput, DeadlineExceeded, ModelNotFound, RequestError, Unavailable
 from inferbus.pipeline import mapping
-from inferbus.pipeline._lifecycle import AsyncResource
 from inferbus.pipeline._threads import run_in_thread
 from inferbus.pipeline.connection import ConnectOptions
 from inferbus.pipeline.discovery import Directory, ModelInfo
+from inferbus.pipeline.lifecycle import AsyncResource
 from inferbus.pipeline.result import InferResult, needs_thread, read_result
 from inferbus.pipeline.retry import RetryPolicy
 from inferbus.pipeline.transport import MAX_REPLY_BYTES as REPLY_BYTES

@@ -9,7 +9,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from inferbus.errors import Unavailable
-from inferbus.pipeline._lifecycle import cancel_and_wait
+from inferbus.pipeline.lifecycle import cancel_and_wait
 from inferbus.pipeline.nats_errors import nats_errors
 
 log = logging.getLogger("inferbus")

@@ -21,7 +21,6 @@ from nats.aio.client import Client as NatsClient
 
 from inferbus.contract import SERVICE_NAME, endpoint_name
 from inferbus.errors import ConfigError, ConnectionFailed
-from inferbus.pipeline._lifecycle import AsyncResource, cancel_and_wait
 from inferbus.pipeline._metrics import MetricsServer
 from inferbus.pipeline._served import ServedModel, load_served_model
 from inferbus.pipeline._service import MicroService
@@ -30,6 +29,7 @@ from inferbus.pipeline.connection import (
     confirm_subscriptions,
     connect_nats,
 )
+from inferbus.pipeline.lifecycle import AsyncResource, cancel_and_wait
 from inferbus.pipeline.liveness import Liveness
 from inferbus.pipeline.policy import Tenancy
 from inferbus.repository import ModelConfig
@@ -141,9 +141,13 @@ class Worker(AsyncResource):
             await model.unserve(self.service)
         return served
 
-    async def remove_model(self, served: ServedModel) -> None:
+    async def remove_model(self, name: str, version: int) -> None:
         """Stop serving a model version: the next version down takes over the unversioned
         subject first, then this one drains (everything delivered is answered) and unloads."""
+        found = [m for m in self.models if (m.config.name, m.config.version) == (name, version)]
+        if not found:
+            raise ConfigError(f"{name} v{version} is not served here")
+        served = found[0]
         self.models.remove(served)
         self.configs.remove(served.config)
         if served.serves_unversioned:

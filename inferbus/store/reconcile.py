@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import orjson
 from nats.aio.msg import Msg
@@ -31,17 +31,16 @@ from nats.js.errors import KeyWrongLastSequenceError
 
 from inferbus.contract import error_reply
 from inferbus.errors import ConfigError, ModelNotFound, RequestError, Unavailable
+from inferbus.pipeline.lifecycle import cancel_and_wait
 from inferbus.repository import load_model_config
 from inferbus.store.archive import has_code, unpack
 from inferbus.store.client import Store
-from inferbus.store.records import DEMAND_SUBJECT, Deployment, deployment_key
+from inferbus.store.records import CLAIMS_BUCKET, DEMAND_SUBJECT, Deployment, deployment_key
 from inferbus.store.service import DeployService
 
 if TYPE_CHECKING:
-    from inferbus.pipeline._served import ServedModel
     from inferbus.pipeline.worker import Worker
 
-CLAIMS_BUCKET: Final = "inferbus-claims"
 CLAIM_TTL_S: Final = 30.0  # a claim not refreshed for this long frees its slot
 TICK_S: Final = 1.0  # how often usage is sampled, claims refreshed, and the rest reconciled
 DEMAND_QUEUE: Final = "inferbus-store"
@@ -71,6 +70,21 @@ class StoreSettings:
             raise ConfigError("max_models must be >= 1")
         if self.memory_mb is not None and self.memory_mb < 1:
             raise ConfigError("memory_mb must be >= 1")
+
+
+class _Counts(Protocol):
+    @property
+    def request_count(self) -> int: ...
+
+
+class ServedModel(Protocol):
+    """What the reconciler reads of a model version the worker serves."""
+
+    @property
+    def stats(self) -> _Counts: ...
+
+    @property
+    def idle(self) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -110,11 +124,9 @@ class Reconciler:
 
     async def stop(self) -> None:
         """Stop following the store; the worker drains and closes what is loaded."""
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Cancelled until they end: a cancel that lands as a JetStream reply does can be lost
+        # inside nats-py (asyncio.wait_for on 3.11), and the tick would then run on for ever.
+        await cancel_and_wait(self._tasks)
         for held in self.held.values():
             await self._release(held.claim)
 
@@ -132,8 +144,10 @@ class Reconciler:
 
     async def _tick(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the stop's cancel.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), TICK_S)
+                async with asyncio.timeout(TICK_S):
+                    await self._kick.wait()
             self._kick.clear()
             self._sample_usage()
             try:
@@ -235,7 +249,7 @@ class Reconciler:
             return folder
         archive = self.settings.cache_dir / f".{deployment.sha256}.{os.getpid()}.tar"
         try:
-            await self._store.download(deployment.sha256, archive)
+            await self._store.download(deployment.sha256, archive, size=deployment.size)
             await asyncio.to_thread(unpack, archive, folder,
                                     max_bytes=self.settings.max_archive_bytes,
                                     max_files=self.settings.max_files)  # fmt: skip
@@ -245,7 +259,7 @@ class Reconciler:
 
     async def _unload(self, key: str) -> None:
         held = self.held.pop(key)
-        await self.worker.remove_model(held.served)
+        await self.worker.remove_model(held.deployment.model, held.deployment.version)
         await self._release(held.claim)
         log.info("store: %s v%d unloaded", held.deployment.model, held.deployment.version)
 

@@ -22,6 +22,8 @@ from inferbus.errors import ConfigError
 FILES_BUCKET: Final = "inferbus-models"
 #: the JetStream KV bucket of desired deployments (key: ``<model>.<version>``)
 DEPLOYMENTS_BUCKET: Final = "inferbus-deployments"
+#: the JetStream KV bucket of replica claims (key: ``<model>.<version>.<slot>``; entries expire)
+CLAIMS_BUCKET: Final = "inferbus-claims"
 #: the subject a client asks on when a deployed model has no worker yet (load on demand)
 DEMAND_SUBJECT: Final = "inferbus.store.demand"
 DEVICES: Final = frozenset({"cpu", "cuda"})

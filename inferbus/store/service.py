@@ -35,6 +35,7 @@ from inferbus.pipeline.transfer import Receiver, TransferBudget, is_offer
 from inferbus.repository import load_model_config
 from inferbus.store.archive import Archive, has_code, unpack
 from inferbus.store.client import Store
+from inferbus.store.deploy import check_version_free
 from inferbus.store.records import Deployment
 
 DEPLOY_SUBJECT: Final = "inferbus.store.deploy"
@@ -120,6 +121,7 @@ class DeployService:
             device=fields.get("device"), memory_mb=int(fields.get("memory_mb", 0)), owner=user,
         )  # fmt: skip
         await self._check_rights(user, deployment)
+        await check_version_free(self.store, deployment)
         with tempfile.TemporaryDirectory(prefix="inferbus-deploy-") as scratch:
             path = Path(scratch) / "model.tar"
             await asyncio.to_thread(path.write_bytes, archive)

@@ -1,5 +1,5 @@
 """The command line's shared-bus parts: ``inferbus roster check|apply``, and the server flags
-(``--roster``, ``--state``, TLS) that ``inferbus server`` and ``inferbus up`` share."""
+(``--roster``, ``--state``, TLS, JetStream) that ``inferbus server`` and ``inferbus up`` share."""
 
 from __future__ import annotations
 
@@ -8,13 +8,19 @@ from pathlib import Path
 from typing import Any
 
 from inferbus.errors import ConfigError
-from inferbus.natsserver import DEFAULT_PORT
+from inferbus.natsserver import DEFAULT_PORT, default_store_dir
 from inferbus.pipeline.connection import ConnectOptions
 from inferbus.roster import Roster
 from inferbus.tenancy.credentials import Identity, identities
 from inferbus.tenancy.live import RosterServer
 from inferbus.tenancy.settings import ServerSettings
-from inferbus.tenancy.state import ACCOUNTS_NAME, apply_roster, default_state, load_checked
+from inferbus.tenancy.state import (
+    ACCOUNTS_NAME,
+    STORE_NAME,
+    apply_roster,
+    default_state,
+    load_checked,
+)
 from inferbus.tenancy.summary import describe
 
 ROSTER_HELP = "the roster: a TOML file of admins, workers, groups and users (docs/SECURITY.md)"
@@ -101,6 +107,7 @@ def server_options(parser: argparse.ArgumentParser) -> None:
         help="CA (PEM) that signs --tls-cert, when private: written into connection files, and "
         "what `up`'s worker checks the certificate with",
     )  # fmt: skip
+    jetstream_options(group)
     shared = parser.add_argument_group(
         "shared bus", "Accounts, keys, grants and quotas from a roster (docs/SECURITY.md)."
     )
@@ -108,9 +115,25 @@ def server_options(parser: argparse.ArgumentParser) -> None:
     shared.add_argument("--state", type=Path, help=STATE_HELP)
 
 
+def jetstream_options(group: argparse._ActionsContainer, default: str = "") -> None:
+    """``--store-dir`` and ``--no-jetstream``: where the model store lives, or none;
+    ``default`` says where without ``--store-dir``."""
+    default = default or f"{default_store_dir()}; with --roster STATE/{STORE_NAME}"
+    group.add_argument(
+        "--store-dir", type=Path,
+        help="where JetStream keeps the model store (`inferbus deploy`) across restarts "
+        f"(default {default})",
+    )  # fmt: skip
+    group.add_argument(
+        "--no-jetstream", dest="jetstream", action="store_false", default=None,
+        help="run without JetStream: no model store, so `inferbus deploy` cannot be used",
+    )  # fmt: skip
+
+
 def _server_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The server flags as given (None: not given, so the roster or the default decides)."""
-    keys = ("host", "port", "max_payload", "tls_cert", "tls_key", "tls_ca")
+    keys = ("host", "port", "max_payload", "tls_cert", "tls_key", "tls_ca", "jetstream",
+            "store_dir")  # fmt: skip
     return {key: getattr(args, key) for key in keys}
 
 
@@ -119,7 +142,10 @@ def open_settings(args: argparse.Namespace) -> ServerSettings:
     for flag in ("state", "worker"):
         if getattr(args, flag, None) is not None:
             raise ConfigError(f"--{flag} goes with --roster")
-    return ServerSettings().overridden(**_server_flags(args))
+    settings = ServerSettings().overridden(**_server_flags(args))
+    if settings.jetstream and settings.store_dir is None:
+        return settings.overridden(store_dir=default_store_dir())
+    return settings
 
 
 def roster_server(args: argparse.Namespace, *, monitor_port: int | None = None) -> RosterServer:

@@ -10,6 +10,11 @@
     tls_cert = "certs/server.pem"    # paths relative to the roster's folder
     tls_key = "certs/server-key.pem"
     tls_ca = "certs/ca.pem"          # handed to clients, when the certificate's CA is private
+    jetstream = true                 # the model store (default on)
+    store_dir = "/var/lib/inferbus/jetstream"   # where JetStream keeps it
+
+JetStream (the model store, ``inferbus.store``) is on unless ``jetstream = false``. Without a
+``store_dir`` it stores in the roster's state folder (``STATE/jetstream``).
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ from inferbus.natsserver import (
     ServerTLS,
 )
 
-_PATHS: Final = ("tls_cert", "tls_key", "tls_ca")
-_KEYS: Final = frozenset({"host", "port", "url", "max_payload", *_PATHS})
+_PATHS: Final = ("tls_cert", "tls_key", "tls_ca", "store_dir")
+_KEYS: Final = frozenset({"host", "port", "url", "max_payload", "jetstream", *_PATHS})
 _ANY_ADDRESS: Final = frozenset({"0.0.0.0", "::", ""})
 
 
@@ -45,6 +50,8 @@ class ServerSettings:
     tls_ca: Path | None = None
     #: the URLs clients are given; by default made from host, port and TLS
     urls: tuple[str, ...] = ()
+    jetstream: bool = True
+    store_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if type(self.port) is not int or not 0 < self.port < 65536:
@@ -79,6 +86,8 @@ class ServerSettings:
             accounts=accounts,
             cluster=cluster,
             monitor_port=monitor_port,
+            jetstream=self.jetstream,
+            store_dir=self.store_dir,
         )
 
     def overridden(self, **flags: Any) -> ServerSettings:
@@ -107,6 +116,10 @@ def server_settings(table: Mapping[str, Any], folder: Path) -> ServerSettings:
     for name in ("port", "max_payload"):
         if name in table:
             values[name] = table[name]
+    if "jetstream" in table:
+        if not isinstance(table["jetstream"], bool):
+            raise ConfigError("[server] jetstream is true or false")
+        values["jetstream"] = table["jetstream"]
     return ServerSettings(**values)
 
 

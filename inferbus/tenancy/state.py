@@ -8,12 +8,14 @@
       admins/<name>.nk  .toml     each identity's seed, and the connection file to hand over
       workers/<name>.nk .toml
       users/<name>.nk   .toml
+      jetstream/                  the model store's files, unless [server] or --store-dir say
 
 Applying again keeps every seed, so files already handed out keep working.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from inferbus.tenancy.settings import ServerSettings, server_settings
 
 CONFIG_NAME = "nats-server.conf"
 ACCOUNTS_NAME = "accounts.conf"
+STORE_NAME = "jetstream"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +71,8 @@ def apply_roster(roster_path: Path, state: Path, **flags: object) -> AppliedRost
     """Read ``roster_path`` and bring ``state`` in line with it (``flags`` as in ``load_checked``).
     Nothing is written when the roster is wrong (``ConfigError``)."""
     roster, settings = load_checked(roster_path, **flags)
+    if settings.jetstream and settings.store_dir is None:
+        settings = dataclasses.replace(settings, store_dir=(state / STORE_NAME).resolve())
     keys = credentials.apply(roster, state)
     accounts = accounts_config(roster, keys.public_keys)
     config_path = state / CONFIG_NAME
