@@ -1,7 +1,9 @@
 """``inferbus demo``: a whole deployment on one machine, started and stopped in order.
 
 An embedded nats-server, a worker process serving the repository, then the example
-application as its own process — three processes, as in production, talking over NATS.
+application as its own process — three processes, as in production, talking over NATS. With
+``store``, the worker serves only the model store, each model is deployed with ``inferbus
+deploy`` (time to first answer printed), the app runs, and the models are undeployed.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,11 +38,16 @@ def _nats(servers: str | None, jetstream: bool, store_dir: Path | None) -> Itera
         yield server.url
 
 
+INFERBUS = [sys.executable, "-m", "inferbus"]
+
+
 @contextlib.contextmanager
-def _worker(repo: Path, url: str) -> Iterator[subprocess.Popen[bytes]]:
-    command = [sys.executable, "-m", "inferbus", "--log-level", "WARNING", "worker", str(repo)]
-    process = subprocess.Popen([*command, "--servers", url])
-    print(f"[demo] started worker (pid {process.pid}) for {repo}", flush=True)
+def _worker(repo: Path, url: str, store_cache: Path | None) -> Iterator[subprocess.Popen[bytes]]:
+    command = [*INFERBUS, "--log-level", "WARNING", "worker"]
+    serves = ["--store", "--store-cache", str(store_cache)] if store_cache else [str(repo)]
+    process = subprocess.Popen([*command, *serves, "--servers", url])
+    what = "the model store" if store_cache else str(repo)
+    print(f"[demo] started worker (pid {process.pid}) for {what}", flush=True)
     try:
         yield process
     finally:
@@ -71,15 +79,39 @@ def run_demo(
     servers: str | None,
     jetstream: bool = True,
     store_dir: Path | None = None,
+    store: bool = False,
 ) -> int:
     """Run the deployment; the app's exit status (non-zero when its checks fail). The server
     started runs JetStream (the model store) in ``store_dir`` unless ``jetstream`` is off."""
     if not app.is_file():
         raise InferbusError(f"example application {app} not found (run from the project root)")
-    names = {config.name for config in load_repository(repo)}
-    with _nats(servers, jetstream, store_dir) as url, _worker(repo, url) as worker:
+    configs = load_repository(repo)
+    names = {config.name for config in configs}
+    with (
+        tempfile.TemporaryDirectory(prefix="inferbus-demo-cache-") as cache,
+        _nats(servers, jetstream, store_dir) as url,
+        _worker(repo, url, Path(cache) if store else None) as worker,
+    ):
+        if store:
+            started = time.monotonic()
+            for config in configs:
+                _inferbus("deploy", str(config.directory), "--keep-old", "--servers", url)
         asyncio.run(_wait_until_served(url, names, worker))
+        if store:
+            print(f"[demo] deployed and served {time.monotonic() - started:.1f} s after the "
+                  "first deploy began", flush=True)  # fmt: skip
         print(f"[demo] worker ready; running {app}", flush=True)
-        return subprocess.run(
+        status = subprocess.run(
             [sys.executable, str(app), "--servers", url, "--repo", str(repo)], check=False
         ).returncode
+        if store:
+            for name in sorted(names):
+                _inferbus("undeploy", name, "--servers", url)
+            _inferbus("deployments", "--servers", url)
+        return status
+
+
+def _inferbus(*args: str) -> None:
+    print(f"[demo] inferbus {' '.join(args)}", flush=True)
+    if subprocess.run([*INFERBUS, *args], check=False).returncode:
+        raise InferbusError(f"`inferbus {args[0]}` failed (see above)")

@@ -327,8 +327,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from inferbus._demo import run_demo
 
     store_dir = args.store_dir or DEMO_STORE_DIR
+    if args.store and args.jetstream is False:
+        raise ConfigError("--store needs JetStream: drop --no-jetstream")
     return run_demo(repo=args.repo, app=args.app, servers=args.servers,
-                    jetstream=args.jetstream is not False, store_dir=store_dir)  # fmt: skip
+                    jetstream=args.jetstream is not False, store_dir=store_dir,
+                    store=args.store)  # fmt: skip
 
 
 # --- parser -----------------------------------------------------------------------------------
@@ -523,6 +526,11 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
         "--app", type=Path, default=Path("examples/digits_app.py"), help="the application to run"
     )
     parser.add_argument("--servers", help="use this NATS server instead of starting one")
+    parser.add_argument(
+        "--store", action="store_true",
+        help="through the model store: a worker with --store and nothing else, then `inferbus "
+        "deploy` of each model in --repo, the app, and `inferbus undeploy` (docs/STORE.md)",
+    )  # fmt: skip
     jetstream_options(parser, default=str(DEMO_STORE_DIR))
 
 

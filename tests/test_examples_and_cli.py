@@ -141,6 +141,18 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "worker stopped (exit 0)" in result.stdout
 
 
+def test_demo_through_the_model_store(tmp_path: Path) -> None:
+    """deploy → infer → undeploy, with a worker that serves only the store."""
+    result = run_cli("demo", "--store", "--store-dir", str(tmp_path / "js"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "started worker" in result.stdout
+    assert "for the model store" in result.stdout
+    assert "deployed digits v1" in result.stdout
+    assert "360/360 predictions identical" in result.stdout
+    assert "undeployed digits.1" in result.stdout
+    assert "nothing is deployed" in result.stdout
+
+
 def test_gpu_check_runs_and_reports_what_it_cannot_run(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
