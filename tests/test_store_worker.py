@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 import inferbus
@@ -170,8 +171,10 @@ async def test_a_restarted_worker_gets_its_models_back(
     await deploy(store, TEST_MODELS / "add_v2", "add", 2, tmp_path)
     for attempt in range(2):
         async with (
-            store_worker(jetstream, tmp_path / f"run{attempt}"),
+            store_worker(jetstream, tmp_path / f"run{attempt}") as worker,
             inferbus.connect(jetstream.url) as client,
         ):
             result = await client.infer("add", {"x": X}, timeout=30)
             np.testing.assert_array_equal(result["y"], X + 2)
+            room = orjson.loads(worker.service.info()["metadata"]["store"])
+            assert room == {"max_models": 4, "memory_mb": None, "device": "cpu"}

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import orjson
 from nats.aio.client import Client as NatsClient
 
 from inferbus.contract import SERVICE_NAME, endpoint_name
@@ -98,7 +99,7 @@ class Worker(AsyncResource):
             name=SERVICE_NAME,
             version=__version__,
             description="inferbus model end",
-            metadata={"host": socket.gethostname(), "pid": str(os.getpid())},
+            metadata=self._service_metadata(),
             viewer=self.tenancy,
         )
         await self._service.start()
@@ -159,6 +160,16 @@ class Worker(AsyncResource):
         for record in served.records:
             self.service.endpoints.remove(record)
         await served.close()
+
+    def _service_metadata(self) -> dict[str, str]:
+        """Who this worker is; with a store, the room it declares (what it holds are its
+        endpoints)."""
+        metadata = {"host": socket.gethostname(), "pid": str(os.getpid())}
+        if self.store is not None:
+            room = {"max_models": self.store.max_models, "memory_mb": self.store.memory_mb,
+                    "device": self.store.device}  # fmt: skip
+            metadata["store"] = orjson.dumps(room).decode()
+        return metadata
 
     def _check_endpoint_names(self, configs: Sequence[ModelConfig] | None = None) -> None:
         # Model "add_v2" and version 2 of "add" would both be an endpoint named "add_v2".
