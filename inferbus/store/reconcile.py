@@ -218,9 +218,11 @@ class Reconciler:
                 return
         try:
             served = await self._load(deployment)
-        except Exception as exc:  # a bad archive or model: refuse it here, keep serving others
+        except Exception as exc:
             await self._release(claim)
-            self.refused[deployment.key] = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, ConfigError):  # its content: refused here until redeployed
+                self.refused[deployment.key] = str(exc)
+            # anything else (the store or the bus) is tried again on a later tick
             log.error("store: %s v%d not loaded: %s", deployment.model, deployment.version, exc)
             raise
         self.held[deployment.key] = _Held(deployment, served, claim)
