@@ -102,6 +102,7 @@ class ServedModel:
         self._routes: list[_Route] = []
         self._unyielded = 0
         self._consumers: list[asyncio.Task[None]] = []
+        self._closed = False
 
     @property
     def replier(self) -> Replier:
@@ -240,6 +241,8 @@ class ServedModel:
             await self.replier.reply(item.payload, error)
 
     async def put_back(self) -> None:
+        if self._closed:  # unloaded while its health was being checked: stays out
+            return
         self.health.put_back()
         for route in self._routes:
             if route.subscription is None:
@@ -283,6 +286,7 @@ class ServedModel:
 
     async def close(self) -> None:
         """Stop the consumers and release the engines (after ``drain``)."""
+        self._closed = True
         await cancel_and_wait(self._consumers)
         left = self.queue.take_all()  # empty after a drain; not empty only if start failed
         if left:

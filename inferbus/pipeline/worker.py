@@ -193,8 +193,9 @@ class Worker(AsyncResource):
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
             now = time.monotonic()
-            for model in self.models:
-                await model.check_health(now)
+            for model in list(self.models):  # the store may load or unload meanwhile
+                if model in self.models:
+                    await model.check_health(now)
             if self.tenancy is not None:
                 self.tenancy.reload_if_changed()
 
