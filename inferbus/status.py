@@ -66,6 +66,11 @@ def _uptime(started: str | None, now: datetime) -> float:
 async def snapshot(client: Client, timeout: float = 0.5) -> ClusterStatus:
     infos = await gather(client.nats, service_subject("INFO"), timeout=timeout)
     stats = await gather(client.nats, service_subject("STATS"), timeout=timeout)
+    return cluster_status(infos, stats)
+
+
+def cluster_status(infos: list[dict[str, Any]], stats: list[dict[str, Any]]) -> ClusterStatus:
+    """Workers and models from the workers' ``$SRV.INFO`` and ``$SRV.STATS`` replies."""
     now = datetime.now(UTC)
     status = ClusterStatus(taken=now.timestamp())
     started = {s.get("id"): s.get("started") for s in stats}

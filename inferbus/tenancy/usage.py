@@ -36,7 +36,7 @@ class UserUsage:
 Usage = dict[str, list[UserUsage]]
 
 
-def _model_version(endpoint: Mapping[str, Any]) -> str | None:
+def versioned_endpoint(endpoint: Mapping[str, Any]) -> str | None:
     """``<model> v<version>`` for a versioned endpoint (``inferbus.infer.<model>.<version>``);
     None for the unversioned one, which reports the same data again."""
     tokens = str(endpoint.get("subject", "")).split(".")
@@ -49,7 +49,7 @@ def usage_by_user(stats: list[dict[str, Any]]) -> Usage:
     totals: dict[str, dict[str, UserUsage]] = {}
     for reply in stats:
         for endpoint in reply.get("endpoints") or []:
-            model = _model_version(endpoint)
+            model = versioned_endpoint(endpoint)
             data = endpoint.get("data")
             users = data.get("users") if isinstance(data, dict) else None
             if model is None or not isinstance(users, dict):
