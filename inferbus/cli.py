@@ -334,6 +334,34 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     store=args.store)  # fmt: skip
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    try:  # the HTTP stack loads only here: `import inferbus` and the parser never need it
+        from inferbus.gateway.serve import run_gateway
+    except ImportError as exc:
+        raise ConfigError(f"the gateway needs its extra: pip install 'inferbus[gateway]' ({exc})"
+                          ) from None  # fmt: skip
+    options = connect_options(args, "inferbus-gateway")
+    return run_async(run_gateway(options, args.host, args.port, args.timeout, args.per_user))
+
+
+def _gateway_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request may take when it sets no parameters.timeout",
+    )
+    parser.add_argument(
+        "--per-user",
+        action="store_true",
+        help="shared bus: each caller's HTTP basic credentials are their own "
+        "NATS user and password (or nkey seed); no identity of its own",
+    )
+    parser.epilog = "KServe V2 REST (tritonclient, curl) onto the bus: docs/GATEWAY.md"
+
+
 # --- parser -----------------------------------------------------------------------------------
 
 
@@ -393,6 +421,8 @@ def _commands() -> list[tuple[str, Callable[[argparse.Namespace], int], str, Con
         ("bench", cmd_bench, "latency and throughput under load", _bench_args, True),
         ("build", cmd_build, "build (or find) a model's TensorRT plan", _build_args, False),
         ("demo", cmd_demo, "server, worker and the digits app", _demo_args, False),
+        ("gateway", cmd_gateway, "KServe V2 HTTP front door (tritonclient, curl) onto the bus",
+         _gateway_args, True),
         *((name, _store_command(handler), summary, configure, True)
           for name, handler, summary, configure in STORE_COMMANDS),
     ]  # fmt: skip

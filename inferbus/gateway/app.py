@@ -1,0 +1,191 @@
+"""The gateway's ASGI application (Starlette): KServe V2 REST over one bus connection.
+
+Routes: ``GET /v2/health/live``, ``/v2/health/ready``, ``/ready``, ``/v2``,
+``/v2/models/<m>[/versions/<v>]`` (metadata), ``.../ready``, and
+``POST /v2/models/<m>[/versions/<v>]/infer``. docs/GATEWAY.md has the mapping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from inferbus.contract import check_model_name, infer_subject
+from inferbus.dashboard.app import Dashboard
+from inferbus.dashboard.page import EVENTS_PATH
+from inferbus.errors import BadInput, ConnectionFailed, PayloadTooLarge, RequestError, Unavailable
+from inferbus.gateway.framing import INFERENCE_HEADER, to_bus, to_http
+from inferbus.gateway.identities import Identities, Session, Unauthenticated
+from inferbus.gateway.replies import error_response
+from inferbus.version import __version__
+
+#: a time budget in microseconds, for callers that cannot set ``parameters.timeout``
+TIMEOUT_HEADER: Final = "Inferbus-Timeout-Us"
+MAX_BODY_BYTES: Final = 512 * 1024 * 1024
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    """``timeout``: seconds a request may take when it does not say; ``max_body_bytes``: the
+    largest HTTP body accepted (413 beyond)."""
+
+    timeout: float = 30.0
+    max_body_bytes: int = MAX_BODY_BYTES
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0 or self.max_body_bytes <= 0:
+            raise BadInput("the gateway's timeout and max_body_bytes must be positive")
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _coded(handler: Handler) -> Handler:
+    """Every ``RequestError`` a handler raises becomes its V2 error reply."""
+
+    async def handle(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except RequestError as error:
+            return error_response(error)
+        except Unauthenticated as error:
+            headers = {"WWW-Authenticate": 'Basic realm="inferbus"'}
+            return JSONResponse({"error": str(error)}, 401, headers=headers)
+        except ConnectionFailed as error:
+            return JSONResponse({"error": str(error)}, 503)
+
+    return handle
+
+
+class Gateway:
+    """The routes, each request sent as the identity ``identities`` picks; ``app`` is the ASGI
+    application."""
+
+    def __init__(
+        self,
+        identities: Identities,
+        settings: GatewaySettings | None = None,
+        *,
+        dashboard: Dashboard | None = None,
+    ) -> None:
+        self.identities = identities
+        self.dashboard = dashboard  # the page at / (docs/GATEWAY.md)
+        self.settings = settings or GatewaySettings()
+
+    async def _session(self, request: Request) -> Session:
+        return await self.identities.session(request.headers.get("authorization"))
+
+    def app(self) -> Starlette:
+        model = "/v2/models/{model}"
+        versioned = "/v2/models/{model}/versions/{version}"
+        routes = [
+            Route("/v2/health/live", self.live),
+            Route("/v2/health/ready", self.ready),
+            Route("/ready", self.ready),
+            Route("/v2", self.server_metadata),
+            *(Route(path, _coded(self.metadata)) for path in (model, versioned)),
+            *(Route(f"{path}/ready", _coded(self.model_ready)) for path in (model, versioned)),
+            *(
+                Route(f"{path}/infer", _coded(self.infer), methods=["POST"])
+                for path in (model, versioned)
+            ),
+        ]
+        if self.dashboard is not None:  # an ASGI app: Starlette hands it the request as is
+            routes += [Route("/", self.dashboard), Route(EVENTS_PATH, self.dashboard)]
+        return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+
+    async def live(self, request: Request) -> Response:
+        return PlainTextResponse("live")
+
+    async def ready(self, request: Request) -> Response:
+        if self.identities.connected():
+            return PlainTextResponse("ready")
+        return PlainTextResponse("not connected to NATS", 503)
+
+    async def server_metadata(self, request: Request) -> Response:
+        body = {"name": "inferbus", "version": __version__, "extensions": ["binary_tensor_data"]}
+        return JSONResponse(body)
+
+    async def metadata(self, request: Request) -> Response:
+        name, version = _target(request)
+        info = await (await self._session(request)).directory.describe(name, version)
+        return JSONResponse({
+            "name": info.name,
+            "versions": [str(info.version)],
+            "platform": info.engine,
+            "inputs": [spec.to_dict() for spec in info.signature.inputs],
+            "outputs": [spec.to_dict() for spec in info.signature.outputs],
+        })  # fmt: skip
+
+    async def model_ready(self, request: Request) -> Response:
+        name, version = _target(request)
+        await (await self._session(request)).directory.describe(name, version)
+        return PlainTextResponse("ready")
+
+    async def infer(self, request: Request) -> Response:
+        name, version = _target(request)
+        transport = (await self._session(request)).transport  # who asks, before reading
+        body = await self._body(request)
+        header = request.headers.get(TIMEOUT_HEADER)
+        timeout_us = round(self.settings.timeout * 1e6) if header is None else _micros(header)
+        length = request.headers.get(INFERENCE_HEADER)
+        bus = await _off_loop(len(body), lambda: to_bus(body, length, timeout_us=timeout_us))
+        if transport.nats.is_closed:
+            raise Unavailable("the gateway's NATS connection is closed", model=name)
+        seconds = max(bus.timeout_us / 1e6, 0.001)
+        reply = await transport.exchange(infer_subject(name, version), bus.body, seconds)
+        out = await _off_loop(len(reply), lambda: to_http(reply, bus))
+        if out.header_length is None:
+            return Response(out.body, media_type="application/json")
+        headers = {INFERENCE_HEADER: str(out.header_length)}
+        return Response(out.body, headers=headers, media_type="application/octet-stream")
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"request body of {declared} bytes exceeds {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (unknown path, wrong method) as V2 error bodies too."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
+    return JSONResponse({"error": detail}, status)
+
+
+def _target(request: Request) -> tuple[str, int | None]:
+    name = check_model_name(request.path_params["model"])
+    version = request.path_params.get("version")
+    if version is None:
+        return name, None
+    if not version.isascii() or not version.isdigit() or int(version) < 1:
+        raise BadInput(f"version must be an integer >= 1, not {version!r}")
+    return name, int(version)
+
+
+def _micros(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise BadInput(f"{TIMEOUT_HEADER} must be a non-negative integer (microseconds)")
+    return int(text)
+
+
+async def _off_loop(size: int, work: Callable[[], T]) -> T:
+    """Small replies are translated inline; large ones in a thread, off the event loop."""
+    return work() if size < 1 << 20 else await asyncio.to_thread(work)

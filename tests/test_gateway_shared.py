@@ -1,0 +1,80 @@
+"""The gateway on a shared bus (``--per-user``): each caller's HTTP basic credentials become
+their own NATS identity, so the worker's grants (403) see who asked; without credentials, or
+with ones nats-server refuses, 401. The bus is test_tenancy's: accounts with passwords."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import inferbus
+from inferbus.natsserver import free_port
+from tests.conftest import TEST_MODELS
+from tests.test_tenancy import ACCOUNTS, ROSTER
+
+ADD = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+ECHO = {"inputs": [{"name": "f32", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
+
+
+@pytest.fixture
+def bus() -> Iterator[inferbus.EmbeddedServer]:
+    with inferbus.EmbeddedServer(extra_config=ACCOUNTS) as server:
+        yield server
+
+
+@pytest.fixture
+async def roster_worker(bus: inferbus.EmbeddedServer, tmp_path: Path) -> AsyncIterator[None]:
+    roster = tmp_path / "roster.toml"
+    roster.write_text(ROSTER)
+    configs = [c for c in inferbus.load_repository(TEST_MODELS) if c.name in ("add", "echo")]
+    url = f"nats://w:w@{bus.host}:{bus.port}"
+    options = inferbus.ConnectOptions(servers=[url], name="test-worker")
+    async with inferbus.Worker(configs, options, roster=roster):
+        yield
+
+
+@pytest.fixture
+def gateway(bus: inferbus.EmbeddedServer) -> Iterator[str]:
+    """``inferbus gateway --per-user``, with no NATS identity of its own."""
+    port = free_port()
+    command = [sys.executable, "-m", "inferbus", "gateway", "--per-user", "--servers", bus.url,
+               "--port", str(port)]  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
+        assert process.stdout is not None
+        assert f"127.0.0.1:{port}" in process.stdout.readline()
+        yield f"http://127.0.0.1:{port}"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+
+
+@pytest.mark.usefixtures("roster_worker")
+async def test_each_caller_is_their_own_nats_identity(gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway, timeout=30) as http:
+        alice = await http.post("/v2/models/add/infer", json=ADD, auth=("alice", "alice"))
+        assert alice.status_code == 200, alice.text
+        assert alice.json()["outputs"][0]["data"] == [3.0, 4.0, 5.0, 6.0]  # add v2
+        refused = await http.post("/v2/models/echo/infer", json=ECHO, auth=("alice", "alice"))
+        assert refused.status_code == 403
+        assert "not granted to 'alice'" in refused.json()["error"]
+        bob = await http.post("/v2/models/add/infer", json=ADD, auth=("bob", "bob"))
+        assert bob.status_code == 403
+        assert "not granted to 'bob'" in bob.json()["error"]
+        echo = await http.post("/v2/models/echo/versions/1", auth=("bob", "bob"))
+        assert echo.status_code == 405  # metadata is a GET
+        assert (await http.get("/v2/models/add", auth=("bob", "bob"))).status_code == 404
+
+
+@pytest.mark.usefixtures("roster_worker")
+async def test_missing_or_refused_credentials_are_401(gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway, timeout=30) as http:
+        anonymous = await http.post("/v2/models/add/infer", json=ADD)
+        assert anonymous.status_code == 401
+        assert anonymous.headers["WWW-Authenticate"].startswith("Basic")
+        wrong = await http.post("/v2/models/add/infer", json=ADD, auth=("alice", "nope"))
+        assert wrong.status_code == 401, wrong.text
