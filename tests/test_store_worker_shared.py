@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import inferbus
+from inferbus.pipeline.discovery import Directory
 from inferbus.store.archive import Archive, pack
 from inferbus.store.reconcile import StoreSettings
 from inferbus.store.remote import deploy_remote, undeploy_remote
@@ -115,3 +116,15 @@ async def test_code_is_deployed_only_by_users_the_roster_allows(
         await deploy_remote(as_user(bus, "alice"), archive, {"model": "alice-x", "version": 1})
     answer = await deploy_remote(as_user(bus, "bob"), archive, {"model": "bob-x", "version": 1})
     assert answer["key"] == "bob-x.1"
+
+
+@pytest.mark.usefixtures("worker")
+async def test_a_user_cannot_make_workers_load_models_not_granted_to_them(
+    bus: inferbus.EmbeddedServer, tmp_path: Path
+) -> None:
+    """Load on demand evicts other models: on a shared bus only a model's grantees may ask."""
+    archive = await packed(TEST_MODELS / "add_v1", tmp_path, "add")
+    await deploy_remote(as_user(bus, "alice"), archive, {"model": "alice-add", "version": 1})
+    async with inferbus.Client(as_user(bus, "bob")) as bob:
+        with pytest.raises(inferbus.Forbidden, match="'alice-add' is not granted to 'bob'"):
+            await Directory(bob.nats).demand("alice-add", None, timeout=5)

@@ -29,9 +29,10 @@ from nats.aio.msg import Msg
 from nats.js.api import KeyValueConfig
 from nats.js.errors import KeyWrongLastSequenceError
 
-from inferbus.contract import error_reply
-from inferbus.errors import ConfigError, ModelNotFound, RequestError, Unavailable
+from inferbus.contract import error_reply, requester_account
+from inferbus.errors import ConfigError, Forbidden, ModelNotFound, RequestError, Unavailable
 from inferbus.pipeline.lifecycle import cancel_and_wait
+from inferbus.pipeline.policy import ADMIN
 from inferbus.repository import load_model_config
 from inferbus.store.archive import has_code, unpack
 from inferbus.store.client import Store
@@ -271,7 +272,7 @@ class Reconciler:
         """A client found no worker for a model: load it here if it is deployed and this
         worker can make room; answer ``{"state": "ready"}`` or a coded error."""
         try:
-            deployment = self._deployment_asked(msg.data)
+            deployment = self._deployment_asked(msg.data, requester_account(msg.headers))
             async with self._lock:
                 if deployment.key not in self.held:
                     await self._make_room_and_load(deployment)
@@ -283,14 +284,20 @@ class Reconciler:
         if msg.reply:
             await self.worker.nats.publish(msg.reply, body, headers=headers)
 
-    def _deployment_asked(self, data: bytes) -> Deployment:
+    def _deployment_asked(self, data: bytes, user: str | None) -> Deployment:
         try:
             asked = orjson.loads(data)
             model, version = str(asked["model"]), asked.get("version")
-        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            version = None if version is None else int(version)
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError):
             raise Unavailable('a demand is JSON {"model": ..., "version": ...}') from None
+        tenancy = self.worker.tenancy
+        if tenancy is not None and not tenancy.may_see(user or ADMIN, model):
+            # on a shared bus nobody makes workers load (and unload others for) models
+            # they may not call
+            raise Forbidden(f"model {model!r} is not granted to {user!r}")
         if version is not None:
-            found = self.desired.get(deployment_key(model, int(version)))
+            found = self.desired.get(deployment_key(model, version))
         else:
             versions = [d for d in self.desired.values() if d.model == model]
             found = max(versions, key=lambda d: d.version) if versions else None
