@@ -336,12 +336,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     try:  # the HTTP stack loads only here: `import inferbus` and the parser never need it
-        from inferbus.gateway.serve import run_gateway
+        from inferbus.gateway.serve import GatewaySettings, run_gateway
     except ImportError as exc:
         raise ConfigError(f"the gateway needs its extra: pip install 'inferbus[gateway]' ({exc})"
                           ) from None  # fmt: skip
     options = connect_options(args, "inferbus-gateway")
-    return run_async(run_gateway(options, args.host, args.port, args.timeout, args.per_user))
+    settings = GatewaySettings(timeout=args.timeout, max_body_bytes=args.max_body_mb << 20,
+                               max_inflight_bytes=args.max_inflight_mb << 20)  # fmt: skip
+    return run_async(run_gateway(options, args.host, args.port, settings, args.per_user))
 
 
 def _gateway_args(parser: argparse.ArgumentParser) -> None:
@@ -353,6 +355,10 @@ def _gateway_args(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds a request may take when it sets no parameters.timeout",
     )
+    parser.add_argument("--max-body-mb", type=int, default=512,
+                        help="largest request body (413 beyond)")  # fmt: skip
+    parser.add_argument("--max-inflight-mb", type=int, default=1024,
+                        help="bytes all request bodies may hold at once (429 beyond)")  # fmt: skip
     parser.add_argument(
         "--per-user",
         action="store_true",

@@ -60,7 +60,7 @@ def test_tritonclient_health_and_model_metadata(triton: httpclient.InferenceServ
     assert triton.is_model_ready("add", "1")
     metadata = triton.get_model_metadata("add", "2")
     assert metadata["name"] == "add"
-    assert metadata["versions"] == ["2"]
+    assert metadata["versions"] == ["1", "2"]  # every version served, as Triton lists them
     assert metadata["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}]
     assert metadata["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [-1, 4]}]
 

@@ -4,6 +4,8 @@ with ones nats-server refuses, 401. The bus is test_tenancy's: accounts with pas
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import httpx
 import pytest
 
 import inferbus
+from inferbus.gateway.identities import PerUser
 from inferbus.natsserver import free_port
 from tests.conftest import TEST_MODELS
 from tests.test_tenancy import ACCOUNTS, ROSTER
@@ -78,3 +81,29 @@ async def test_missing_or_refused_credentials_are_401(gateway: str) -> None:
         assert anonymous.headers["WWW-Authenticate"].startswith("Basic")
         wrong = await http.post("/v2/models/add/infer", json=ADD, auth=("alice", "nope"))
         assert wrong.status_code == 401, wrong.text
+
+
+async def test_idle_user_connections_are_closed_and_busy_ones_kept(
+    bus: inferbus.EmbeddedServer,
+) -> None:
+    """A user's connection with no request for ``idle_close_s`` is closed (and reopened on their
+    next request); one with a request in flight is not, however old."""
+    identities = PerUser(inferbus.ConnectOptions(servers=[bus.url]), idle_close_s=0.05)
+    alice, bob = _basic("alice", "alice"), _basic("bob", "bob")
+    try:
+        async with identities.using(alice) as first:
+            pass
+        async with identities.using(bob) as busy:
+            await asyncio.sleep(0.1)  # both older than idle_close_s; bob's still in use
+            assert await identities.close_idle() == 1
+            assert first.transport.nats.is_closed
+            assert not busy.transport.nats.is_closed
+        async with identities.using(alice) as again:
+            assert again is not first
+            assert again.transport.nats.is_connected
+    finally:
+        await identities.close()
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()

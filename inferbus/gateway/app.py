@@ -8,6 +8,8 @@ Routes: ``GET /v2/health/live``, ``/v2/health/ready``, ``/ready``, ``/v2``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, TypeVar
@@ -17,33 +19,48 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from inferbus.contract import check_model_name, infer_subject
 from inferbus.dashboard.app import Dashboard
 from inferbus.dashboard.page import EVENTS_PATH
 from inferbus.errors import BadInput, ConnectionFailed, PayloadTooLarge, RequestError, Unavailable
-from inferbus.gateway.framing import INFERENCE_HEADER, to_bus, to_http
+from inferbus.gateway.budget import BodyBudget, Holding
+from inferbus.gateway.framing import INFERENCE_HEADER, BusRequest, to_bus, to_http
 from inferbus.gateway.identities import Identities, Session, Unauthenticated
 from inferbus.gateway.replies import error_response
+from inferbus.pipeline.discovery import serves
 from inferbus.version import __version__
 
 #: a time budget in microseconds, for callers that cannot set ``parameters.timeout``
 TIMEOUT_HEADER: Final = "Inferbus-Timeout-Us"
 MAX_BODY_BYTES: Final = 512 * 1024 * 1024
+MAX_INFLIGHT_BYTES: Final = 1024 * 1024 * 1024
+#: the infer route, as Starlette would match it (``{model}`` and ``{version}`` are one segment)
+_INFER_PATH: Final = re.compile(
+    r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer"
+)
 T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
 class GatewaySettings:
     """``timeout``: seconds a request may take when it does not say; ``max_body_bytes``: the
-    largest HTTP body accepted (413 beyond)."""
+    largest HTTP body accepted (413 beyond); ``max_inflight_bytes``: the bytes all bodies being
+    read or served may hold at once (429 beyond, docs/GATEWAY.md)."""
 
     timeout: float = 30.0
     max_body_bytes: int = MAX_BODY_BYTES
+    max_inflight_bytes: int = MAX_INFLIGHT_BYTES
 
     def __post_init__(self) -> None:
         if self.timeout <= 0 or self.max_body_bytes <= 0:
             raise BadInput("the gateway's timeout and max_body_bytes must be positive")
+        if self.max_inflight_bytes < self.max_body_bytes:
+            raise BadInput(
+                f"the in-flight budget ({self.max_inflight_bytes} bytes) must hold at least "
+                f"one body of the largest size ({self.max_body_bytes} bytes)"
+            )
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -80,11 +97,17 @@ class Gateway:
         self.identities = identities
         self.dashboard = dashboard  # the page at / (docs/GATEWAY.md)
         self.settings = settings or GatewaySettings()
+        self.budget = BodyBudget(self.settings.max_inflight_bytes)
 
-    async def _session(self, request: Request) -> Session:
-        return await self.identities.session(request.headers.get("authorization"))
+    def _session(self, request: Request) -> contextlib.AbstractAsyncContextManager[Session]:
+        return self.identities.using(request.headers.get("authorization"))
 
-    def app(self) -> Starlette:
+    def app(self) -> ASGIApp:
+        """The routes; POST .../infer is dispatched before Starlette's middleware and router
+        (a third of the gateway's CPU per request there, measured in BENCHMARKS.md)."""
+        return _InferFirst(_coded(self.infer), self._routes())
+
+    def _routes(self) -> Starlette:
         model = "/v2/models/{model}"
         versioned = "/v2/models/{model}/versions/{version}"
         routes = [
@@ -94,10 +117,7 @@ class Gateway:
             Route("/v2", self.server_metadata),
             *(Route(path, _coded(self.metadata)) for path in (model, versioned)),
             *(Route(f"{path}/ready", _coded(self.model_ready)) for path in (model, versioned)),
-            *(
-                Route(f"{path}/infer", _coded(self.infer), methods=["POST"])
-                for path in (model, versioned)
-            ),
+            *(Route(f"{path}/infer", _not_post) for path in (model, versioned)),  # POST: above
         ]
         if self.dashboard is not None:  # an ASGI app: Starlette hands it the request as is
             routes += [Route("/", self.dashboard), Route(EVENTS_PATH, self.dashboard)]
@@ -117,10 +137,14 @@ class Gateway:
 
     async def metadata(self, request: Request) -> Response:
         name, version = _target(request)
-        info = await (await self._session(request)).directory.describe(name, version)
+        async with self._session(request) as session:
+            info = await session.directory.describe(name, version)
+            served = await session.directory.models(until=serves(name, None))
+        # the versions the first worker to answer serves (every worker, when they serve alike)
+        versions = sorted({m.version for m in served if m.name == name} | {info.version})
         return JSONResponse({
             "name": info.name,
-            "versions": [str(info.version)],
+            "versions": [str(v) for v in versions],
             "platform": info.engine,
             "inputs": [spec.to_dict() for spec in info.signature.inputs],
             "outputs": [spec.to_dict() for spec in info.signature.outputs],
@@ -128,39 +152,82 @@ class Gateway:
 
     async def model_ready(self, request: Request) -> Response:
         name, version = _target(request)
-        await (await self._session(request)).directory.describe(name, version)
+        async with self._session(request) as session:
+            await session.directory.describe(name, version)
         return PlainTextResponse("ready")
 
     async def infer(self, request: Request) -> Response:
         name, version = _target(request)
-        transport = (await self._session(request)).transport  # who asks, before reading
-        body = await self._body(request)
         header = request.headers.get(TIMEOUT_HEADER)
         timeout_us = round(self.settings.timeout * 1e6) if header is None else _micros(header)
         length = request.headers.get(INFERENCE_HEADER)
-        bus = await _off_loop(len(body), lambda: to_bus(body, length, timeout_us=timeout_us))
-        if transport.nats.is_closed:
-            raise Unavailable("the gateway's NATS connection is closed", model=name)
-        seconds = max(bus.timeout_us / 1e6, 0.001)
-        reply = await transport.exchange(infer_subject(name, version), bus.body, seconds)
-        out = await _off_loop(len(reply), lambda: to_http(reply, bus))
+        # who asks, before the body is read; then the body's share of the budget
+        async with self._session(request) as session:
+            with self.budget.holding() as held:
+                bus = await self._bus_request(request, held, length, timeout_us)
+                transport = session.transport
+                if transport.nats.is_closed:
+                    raise Unavailable("the gateway's NATS connection is closed", model=name)
+                seconds = max(bus.timeout_us / 1e6, 0.001)
+                reply = await transport.exchange(infer_subject(name, version), bus.body, seconds)
+                out = await _off_loop(len(reply), lambda: to_http(reply, bus))
         if out.header_length is None:
             return Response(out.body, media_type="application/json")
         headers = {INFERENCE_HEADER: str(out.header_length)}
         return Response(out.body, headers=headers, media_type="application/octet-stream")
 
-    async def _body(self, request: Request) -> bytes:
+    async def _bus_request(
+        self, request: Request, held: Holding, length: str | None, timeout_us: int
+    ) -> BusRequest:
+        """The body read and framed for the bus (a copy: the HTTP body is dropped on return,
+        not kept while the reply is awaited)."""
+        body = await self._body(request, held)
+        return await _off_loop(len(body), lambda: to_bus(body, length, timeout_us=timeout_us))
+
+    async def _body(self, request: Request, held: Holding) -> bytes:
+        """The body, counted against the in-flight budget as it arrives (all of its declared
+        length up front) and refused past ``max_body_bytes`` before it is read further."""
         limit = self.settings.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"request body of {declared} bytes exceeds {limit}")
+        header = request.headers.get("content-length")
+        declared = (
+            int(header) if header is not None and header.isascii() and header.isdigit() else None
+        )
+        if declared is not None:
+            if declared > limit:
+                raise PayloadTooLarge(f"request body of {declared} bytes exceeds {limit}")
+            held.take(declared)
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+            if declared is None:
+                held.take(len(chunk))
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+class _InferFirst:
+    """``infer`` for POST .../infer, ``routes`` for everything else."""
+
+    def __init__(self, infer: Handler, routes: ASGIApp) -> None:
+        self.infer = infer
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = _INFER_PATH.fullmatch(scope["path"])
+            if match is not None:
+                params = {key: value for key, value in match.groupdict().items() if value}
+                scope["path_params"] = params
+                response = await self.infer(Request(scope, receive))
+                await response(scope, receive, send)
+                return
+        await self.routes(scope, receive, send)
+
+
+async def _not_post(request: Request) -> Response:
+    return JSONResponse({"error": "Method Not Allowed"}, 405, headers={"Allow": "POST"})
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

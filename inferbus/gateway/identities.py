@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import dataclasses
 import hashlib
-from dataclasses import dataclass
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from typing import Final, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -19,6 +22,8 @@ from inferbus.pipeline.discovery import Directory
 from inferbus.pipeline.transport import Transport
 
 MAX_USERS: Final = 1024  # connections kept open at once in the per-user mode
+IDLE_CLOSE_S: Final = 300.0  # a user's connection with no request for this long is closed
+SWEEP_EVERY_S: Final = 30.0
 _NOT_IN_URLS: Final = frozenset("@/?#% \t\r\n")
 
 
@@ -26,18 +31,35 @@ class Unauthenticated(InferbusError):
     """No credentials, or nats-server refused them: HTTP 401."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Session:
-    """One NATS identity's connection, and discovery as that identity sees it."""
+    """One NATS identity's connection, and discovery as that identity sees it; ``busy``
+    requests use it now, the last one ended at ``last_used`` (monotonic seconds)."""
 
     transport: Transport
     directory: Directory
+    busy: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[Session]:
+        self.busy += 1
+        try:
+            yield self
+        finally:
+            self.busy -= 1
+            self.last_used = time.monotonic()
+
+    def idle_for(self, now: float) -> float:
+        return 0.0 if self.busy else now - self.last_used
 
 
 class Identities(Protocol):
     """Picks the session a request is sent through."""
 
-    async def session(self, authorization: str | None) -> Session: ...
+    def using(self, authorization: str | None) -> contextlib.AbstractAsyncContextManager[Session]:
+        """The session, marked in use until the block ends (idle ones may be closed)."""
+        ...
 
     def connected(self) -> bool: ...
 
@@ -50,8 +72,9 @@ class OneIdentity:
     def __init__(self, transport: Transport) -> None:
         self._session = Session(transport, Directory(transport.nats))
 
-    async def session(self, authorization: str | None) -> Session:
-        return self._session
+    @contextlib.asynccontextmanager
+    async def using(self, authorization: str | None) -> AsyncIterator[Session]:
+        yield self._session
 
     def connected(self) -> bool:
         return bool(self._session.transport.nats.is_connected)
@@ -63,12 +86,32 @@ class OneIdentity:
 class PerUser:
     """Each caller as themself: HTTP basic ``user:password`` becomes the NATS URL's user and
     password (or, when the password is an nkey seed ``SU…``, that seed), one connection per
-    credential pair, opened on its first request. The gateway holds no identity of its own."""
+    credential pair, opened on its first request and closed after ``idle_close_s`` with no
+    request (looked for as requests arrive). The gateway holds no identity of its own."""
 
-    def __init__(self, options: ConnectOptions) -> None:
+    def __init__(self, options: ConnectOptions, *, idle_close_s: float = IDLE_CLOSE_S) -> None:
         self.options = options
+        self.idle_close_s = idle_close_s
         self._sessions: dict[bytes, Session] = {}
         self._lock = asyncio.Lock()
+        self._swept = time.monotonic()
+
+    @contextlib.asynccontextmanager
+    async def using(self, authorization: str | None) -> AsyncIterator[Session]:
+        session = await self.session(authorization)
+        with session.use():
+            yield session
+        if time.monotonic() - self._swept > min(SWEEP_EVERY_S, self.idle_close_s):
+            await self.close_idle()
+
+    async def close_idle(self) -> int:
+        """Closes the connections idle for ``idle_close_s``; how many."""
+        self._swept = now = time.monotonic()
+        idle = [key for key, s in self._sessions.items() if s.idle_for(now) >= self.idle_close_s]
+        closing = [self._sessions.pop(key) for key in idle]
+        for session in closing:
+            await session.transport.close()
+        return len(closing)
 
     async def session(self, authorization: str | None) -> Session:
         user, password = basic_credentials(authorization)
@@ -82,7 +125,7 @@ class PerUser:
                 if found is not None:
                     del self._sessions[key]
                     await found.transport.close()
-                if len(self._sessions) >= MAX_USERS:
+                if len(self._sessions) >= MAX_USERS and not await self.close_idle():
                     raise ConnectionFailed(f"the gateway holds {MAX_USERS} users' connections")
                 found = await self._open(user, password)
                 self._sessions[key] = found

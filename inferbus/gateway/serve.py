@@ -102,12 +102,11 @@ async def _watching(options: ConnectOptions) -> Transport | None:
 
 
 async def run_gateway(
-    options: ConnectOptions, host: str, port: int, timeout: float, per_user: bool
+    options: ConnectOptions, host: str, port: int, settings: GatewaySettings, per_user: bool
 ) -> int:
     """``inferbus gateway``: the address is printed once the socket listens (requests wait in
     its backlog until the server serves), then it serves until SIGTERM/SIGINT."""
     sock = listening_socket(host, port)
     print(f"gateway listening on http://{host}:{port} (KServe V2)", flush=True)
-    settings = GatewaySettings(timeout=timeout)
     await GatewayServer(options, sock, settings, per_user=per_user).serve()
     return 0

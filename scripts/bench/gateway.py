@@ -1,15 +1,16 @@
 """The HTTP gateway's cost, in one run: the digits model through `inferbus gateway` against the
-same model over the bus directly, a trivial HTTP echo on the same stack (Starlette on uvicorn:
-the HTTP floor), and LitServe serving the same ONNX file.
+same model over the bus directly, a trivial HTTP echo on the same stack (a bare ASGI app on
+uvicorn: the HTTP floor), and LitServe serving the same ONNX file.
 
     python -m scripts.bench.gateway [--litserve-python /path/to/venv/bin/python]
 
 LitServe runs from its own virtual environment (its FastAPI stack is not one of ours): without
-``--litserve-python`` its rows say so. One HTTP client (aiohttp, keep-alive: httpx's async
-client capped every server here at ~170 req/s) calls every HTTP server; the bus rows use the
-inferbus client. Targets (issue 14): the gateway's p50 at
-concurrency 1 within 1.5x of (bus p50 + HTTP floor p50); its throughput at concurrency 64 at
-least 10x LitServe's.
+``--litserve-python`` its rows are left out. Latencies at concurrency 1 come from aiohttp
+(keep-alive); throughput at concurrency 64 from wrk (the Debian package) when it is installed,
+since an asyncio client takes the CPU the servers need on a small machine, else from aiohttp.
+The bus rows use the inferbus client. Targets (issue 14): the gateway's p50 at concurrency 1
+within 1.5x of (bus p50 + HTTP floor p50); its throughput at concurrency 64 at least 10x
+LitServe's.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -38,16 +40,28 @@ ROOT = harness.ROOT
 DIGITS = ROOT / "examples" / "models" / "digits"
 ROW = np.random.default_rng(0).random((1, 64), dtype=np.float32)
 
+# The HTTP floor: the body back, as a bare ASGI app on uvicorn (the gateway's infer path
+# runs on uvicorn without Starlette's router; Starlette here would only lower the floor).
 ECHO_APP = """
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+async def app(scope, receive, send):
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    body = b"".join(chunks)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+"""
 
-async def echo(request: Request) -> Response:
-    return Response(await request.body(), media_type="application/json")
-
-app = Starlette(routes=[Route("/echo", echo, methods=["POST"])])
+# wrk's request, read from files the benchmark writes (wrk's Lua cannot take arguments).
+WRK_SCRIPT = """
+wrk.method = "POST"
+local file = io.open("{body}", "rb")
+wrk.body = file:read("*all")
+file:close()
+{headers}
 """
 
 LITSERVE_APP = """
@@ -90,10 +104,41 @@ def http_process(command: list[str], port: int) -> Iterator[str]:
             process.wait(30)
 
 
-async def measure(call: harness.Call) -> tuple[float, float]:
-    """p50 at concurrency 1 (seconds) and requests/s at concurrency 64."""
+Rate = Callable[[], Awaitable[float]]
+
+
+async def measure(call: harness.Call, rate: Rate | None = None) -> tuple[float, float]:
+    """p50 at concurrency 1 (seconds) and requests/s at concurrency 64 (``rate``, or ``call``
+    from 64 callers here)."""
     latencies = await harness.latencies(call, 500, warmup=50)
-    return float(np.median(latencies)), await harness.throughput(call, 64, 3.0)
+    rps = await rate() if rate is not None else await harness.throughput(call, 64, 3.0)
+    return float(np.median(latencies)), rps
+
+
+def wrk_rate(
+    name: str, url: str, body: bytes, headers: dict[str, str], scratch: Path
+) -> Rate | None:
+    """Requests/s from wrk at 64 connections, or None without wrk: a C client leaves the
+    servers the CPU an asyncio client takes (aiohttp capped every server here near 3,500 req/s,
+    wrk near 12,000)."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        return None
+    body_file = scratch / f"{name}.bin"
+    body_file.write_bytes(body)
+    lines = "\n".join(f'wrk.headers["{key}"] = "{value}"' for key, value in headers.items())
+    script = body_file.with_suffix(".lua")
+    script.write_text(WRK_SCRIPT.format(body=body_file, headers=lines))
+
+    async def rate() -> float:
+        command = [wrk, "-t1", "-c64", "-d5s", "-s", str(script), url]
+        process = await asyncio.create_subprocess_exec(*command, stdout=subprocess.PIPE)
+        out = (await process.communicate())[0].decode()
+        if process.returncode != 0 or "Non-2xx" in out:
+            raise RuntimeError(f"wrk against {url} failed:\n{out}")
+        return float(out.split("Requests/sec:")[1].split()[0])
+
+    return rate
 
 
 def v2_body() -> tuple[bytes, dict[str, str]]:
@@ -136,14 +181,16 @@ async def run(litserve_python: str | None) -> list[Figure]:
                         async with http.post(infer, data=body, headers=headers) as reply:
                             return await reply.read()
 
-                    results["gateway"] = await measure(gateway_call)
+                    rate = wrk_rate("gateway", infer, body, headers, Path(scratch))
+                    results["gateway"] = await measure(gateway_call, rate)
                 with http_process(echo, echo_port) as url:
 
                     async def echo_call() -> object:
                         async with http.post(f"{url}/echo", data=body) as reply:
                             return await reply.read()
 
-                    results["echo"] = await measure(echo_call)
+                    rate = wrk_rate("echo", f"{url}/echo", body, {}, Path(scratch))
+                    results["echo"] = await measure(echo_call, rate)
                 if litserve_python:
                     lit_port = free_port()
                     lit = [
@@ -159,7 +206,12 @@ async def run(litserve_python: str | None) -> list[Figure]:
                             async with http.post(f"{url}/predict", json=payload) as reply:
                                 return await reply.read()
 
-                        results["litserve"] = await measure(lit_call)
+                        json_body = orjson.dumps(payload)
+                        json_type = {"Content-Type": "application/json"}
+                        rate = wrk_rate(
+                            "litserve", f"{url}/predict", json_body, json_type, Path(scratch)
+                        )
+                        results["litserve"] = await measure(lit_call, rate)
     return figures(results)
 
 
@@ -190,6 +242,8 @@ def main() -> int:
     args = parser.parse_args()
     rows = asyncio.run(run(args.litserve_python))
     print(f"machine: {harness.machine()}")
+    client = "wrk, 1 thread" if shutil.which("wrk") else "aiohttp (no wrk: it caps the servers)"
+    print(f"HTTP throughput measured with {client}; p50s with aiohttp")
     print(table(rows))
     return 0
 
