@@ -84,7 +84,7 @@ def run_demo(
     """Run the deployment; the app's exit status (non-zero when its checks fail). The server
     started runs JetStream (the model store) in ``store_dir`` unless ``jetstream`` is off."""
     if not app.is_file():
-        raise InferbusError(f"example application {app} not found (run from the project root)")
+        raise InferbusError(f"example application {app} not found")
     configs = load_repository(repo)
     names = {config.name for config in configs}
     with (

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import numpy as np
 import orjson
 
+from inferbus import example
 from inferbus.errors import ConfigError, InferbusError
 from inferbus.natsserver import default_store_dir
 from inferbus.pipeline.client import Client
@@ -555,12 +556,11 @@ def _build_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--repo", type=Path, default=Path("examples/models"), help="model repository to serve"
-    )
-    parser.add_argument(
-        "--app", type=Path, default=Path("examples/digits_app.py"), help="the application to run"
-    )
+    packaged = "default: the packaged digits example"
+    parser.add_argument("--repo", type=Path, default=example.MODELS,
+                        help=f"model repository to serve ({packaged})")  # fmt: skip
+    parser.add_argument("--app", type=Path, default=example.APP,
+                        help=f"the application to run ({packaged})")  # fmt: skip
     parser.add_argument("--servers", help="use this NATS server instead of starting one")
     parser.add_argument(
         "--store", action="store_true",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,13 +133,37 @@ def test_commands_fail_clearly_without_a_server(capsys: pytest.CaptureFixture[st
     assert "is not a folder" in capsys.readouterr().err
 
 
-def test_demo_runs_end_to_end(tmp_path: Path) -> None:
-    # Its model store in a folder of its own, not in this machine's ~/.local/share.
-    result = run_cli("demo", env={"XDG_DATA_HOME": str(tmp_path)})
+def test_demo_runs_from_an_installed_wheel_anywhere(tmp_path: Path) -> None:
+    """``inferbus demo`` as a pip user gets it: the wheel built from this tree, installed into a
+    folder of its own, run from an empty folder outside the repository."""
+    wheels, site, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    # Built from a copy: setuptools builds in the source folder, and a stale build/ there
+    # could put files in the wheel that the tree no longer has.
+    source = tmp_path / "source"
+    skip = shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "tests")
+    shutil.copytree(ROOT, source, ignore=skip)
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    pip = [sys.executable, "-m", "pip", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "wheel", "--no-deps", *isolation, "-w", str(wheels), str(source)],
+                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    (wheel,) = wheels.glob("inferbus-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    # The wheel's inferbus first on the path; its dependencies from this environment. The
+    # model store in a folder of its own, not in this machine's ~/.local/share.
+    env = {**os.environ, "PYTHONPATH": str(site), "XDG_DATA_HOME": str(tmp_path / "data")}
+    code = "import inferbus; print(inferbus.__file__)"
+    where = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env,
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    assert where.stdout.startswith(str(site)), where.stdout
+    result = subprocess.run([sys.executable, "-m", "inferbus", "demo"], cwd=elsewhere, env=env,
+                            capture_output=True, text=True, timeout=90, check=False)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "accuracy, remote  0.9" in result.stdout
     assert "360/360 predictions identical" in result.stdout
     assert "worker stopped (exit 0)" in result.stdout
+    assert list(elsewhere.iterdir()) == []  # nothing left behind in the user's folder
 
 
 def test_demo_through_the_model_store(tmp_path: Path) -> None:
