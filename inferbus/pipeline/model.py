@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterable, Sized
 from typing import ClassVar, Generic, TypeVar
 
 from inferbus.codecs.base import Choices
@@ -16,7 +17,7 @@ class Model(Generic[In, Out]):
 
     Subclasses set ``name`` (and ``version`` to pin one, ``codec`` to choose how inputs
     travel) and override ``preprocess`` (raw input to tensors) and ``postprocess`` (outputs to
-    an answer); then ``await model(x)``.
+    an answer); then ``await model(x)``, or ``async for answer in model.map(xs)`` for many.
     """
 
     name: ClassVar[str]
@@ -49,3 +50,30 @@ class Model(Generic[In, Out]):
             reply_codec=self.reply_codec,
         )
         return self.postprocess(outputs)
+
+    async def map(
+        self,
+        items: Iterable[In],
+        *,
+        concurrency: int = 16,
+        pack: int = 1,
+        progress: bool | None = None,
+    ) -> AsyncIterator[Out]:
+        """The answer for every item, in order, through ``Client.map``: items are preprocessed
+        as they are sent, ``pack`` > 1 sends that many consecutive items as one request (up to
+        the model's max batch size), ``concurrency`` requests are in flight at once."""
+        inputs = (self.preprocess(item) for item in items)
+        results = self.client.map(
+            self.name,
+            inputs,
+            version=self.version,
+            timeout=self.timeout,
+            concurrency=concurrency,
+            pack=pack,
+            codec=self.codec,
+            reply_codec=self.reply_codec,
+            progress=progress,
+            total=len(items) if isinstance(items, Sized) else None,
+        )
+        async for outputs in results:
+            yield self.postprocess(outputs)
