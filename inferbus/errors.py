@@ -40,6 +40,10 @@ class ConnectionFailed(InferbusError, ConnectionError):
     """No NATS server could be reached."""
 
 
+class IdentityRefused(ConnectionFailed):
+    """A NATS server answered, and refused the identity (credentials, nkey, certificate)."""
+
+
 class RequestError(InferbusError):
     """An inference request failed. ``code`` is the HTTP-like status carried on the wire."""
 

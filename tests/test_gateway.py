@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import numpy as np
 import orjson
 import pytest
 import tritonclient.http as httpclient
+from nats.aio.msg import Msg
 from tritonclient.utils import InferenceServerException
 
 import inferbus
@@ -255,9 +257,78 @@ def test_readme_curl_examples_with_curl(gateway: str) -> None:
 
 
 def test_inference_header_must_fit_the_body(gateway: str) -> None:
-    reply = httpx.post(f"http://{gateway}/v2/models/add/infer", content=b"{}",
-                       headers={"Inference-Header-Content-Length": "99"})  # fmt: skip
+    """A valid header whose declared length runs one byte past the body."""
+    x = np.zeros((1, 4), dtype=np.float32)
+    header = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4],
+                          "parameters": {"binary_data_size": 16}}]}  # fmt: skip
+    body, headers = _binary_body(header, x.tobytes())
+    fits = httpx.post(f"http://{gateway}/v2/models/add/infer", content=body, headers=headers)
+    assert fits.status_code == 200, fits.text
+    past = str(int(headers["Inference-Header-Content-Length"]) + len(body))
+    reply = httpx.post(f"http://{gateway}/v2/models/add/infer", content=body,
+                       headers={"Inference-Header-Content-Length": past})  # fmt: skip
     assert reply.status_code == 400
+    assert "runs past the end" in reply.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "why"),
+    [
+        ("BYTES", [100_000_000], "type str"),  # bytes(n) would allocate n bytes
+        ("BOOL", ["false"], "type bool"),
+        ("INT32", [1.9], "type int"),
+        ("FP32", [None], "type int or float"),
+        ("FP32", [True], "type int or float"),
+    ],
+)
+def test_json_data_is_never_coerced(gateway: str, datatype: str, data: list[Any], why: str) -> None:
+    body = {"inputs": [{"name": "x", "datatype": datatype, "shape": [1], "data": data}]}
+    reply = httpx.post(f"http://{gateway}/v2/models/echo/infer", json=body)
+    assert reply.status_code == 400
+    assert why in reply.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("path", "headers"),
+    [
+        ("/v2/models/add/infer", {"Inferbus-Timeout-Us": "9" * 5000}),
+        ("/v2/models/add/infer", {"Inference-Header-Content-Length": "9" * 5000}),
+        ("/v2/models/add/infer", {"Inferbus-Timeout-Us": "1" + "0" * 30}),
+        ("/v2/models/add/versions/" + "9" * 5000 + "/infer", {}),
+    ],
+)
+def test_huge_numbers_are_400_not_500(gateway: str, path: str, headers: dict[str, str]) -> None:
+    reply = httpx.post(f"http://{gateway}{path}", content=b'{"inputs": []}', headers=headers)
+    assert reply.status_code == 400, reply.text
+    assert "integer" in reply.json()["error"]
+
+
+def test_large_json_headers_are_refused(gateway: str) -> None:
+    """Tensors that large belong in binary data: 413 before the JSON is parsed."""
+    body = b'{"inputs": []}' + b" " * (32 * 1024 * 1024)
+    reply = httpx.post(f"http://{gateway}/v2/models/add/infer", content=body, timeout=60)
+    assert reply.status_code == 413
+    assert "binary data" in reply.json()["error"]
+
+
+async def test_a_malformed_worker_reply_is_500_not_the_callers_fault(
+    gateway: str, shared_server: inferbus.EmbeddedServer
+) -> None:
+    fake = await nats.connect(shared_server.url)
+    try:
+
+        async def junk(msg: Msg) -> None:
+            await msg.respond(b"\x05\x00\x00\x00{bad!")
+
+        await fake.subscribe("inferbus.infer.junk", queue="inferbus.infer.junk", cb=junk)
+        await fake.flush()
+        async with httpx.AsyncClient(timeout=30) as http:
+            body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}
+            reply = await http.post(f"http://{gateway}/v2/models/junk/infer", json=body)
+        assert reply.status_code == 500
+        assert "malformed reply" in reply.json()["error"]
+    finally:
+        await fake.close()
 
 
 def test_the_http_stack_loads_only_for_the_gateway() -> None:

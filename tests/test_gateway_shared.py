@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 import inferbus
 from inferbus.gateway.identities import PerUser
 from inferbus.natsserver import free_port
+from inferbus.tenancy.keys import new_user_seed
 from tests.conftest import TEST_MODELS
 from tests.test_tenancy import ACCOUNTS, ROSTER
 
@@ -42,11 +44,11 @@ async def roster_worker(bus: inferbus.EmbeddedServer, tmp_path: Path) -> AsyncIt
         yield
 
 
-@pytest.fixture
-def gateway(bus: inferbus.EmbeddedServer) -> Iterator[str]:
-    """``inferbus gateway --per-user``, with no NATS identity of its own."""
+@contextlib.contextmanager
+def per_user_gateway(servers: str) -> Iterator[str]:
+    """``inferbus gateway --per-user --servers servers`` as a process: its base URL."""
     port = free_port()
-    command = [sys.executable, "-m", "inferbus", "gateway", "--per-user", "--servers", bus.url,
+    command = [sys.executable, "-m", "inferbus", "gateway", "--per-user", "--servers", servers,
                "--port", str(port)]  # fmt: skip
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
         assert process.stdout is not None
@@ -54,6 +56,13 @@ def gateway(bus: inferbus.EmbeddedServer) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
+
+
+@pytest.fixture
+def gateway(bus: inferbus.EmbeddedServer) -> Iterator[str]:
+    """``inferbus gateway --per-user``, with no NATS identity of its own."""
+    with per_user_gateway(bus.url) as url:
+        yield url
 
 
 @pytest.mark.usefixtures("roster_worker")
@@ -107,3 +116,32 @@ async def test_idle_user_connections_are_closed_and_busy_ones_kept(
 
 def _basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@pytest.mark.usefixtures("roster_worker")
+async def test_the_gateways_own_credentials_are_never_lent(bus: inferbus.EmbeddedServer) -> None:
+    """A gateway whose URL carries an admin's password: a caller with a made-up nkey seed must
+    not ride on it (401, and the reply names neither the password nor the server)."""
+    with per_user_gateway(f"nats://admin:s3cret-admin@{bus.host}:{bus.port}") as gateway:
+        async with httpx.AsyncClient(base_url=gateway, timeout=30) as http:
+            stranger = await http.post("/v2/models/echo/infer", json=ECHO,
+                                       auth=("nobody", new_user_seed()))  # fmt: skip
+            assert stranger.status_code == 401, stranger.text
+            assert "s3cret" not in stranger.text
+            assert str(bus.port) not in stranger.text
+            garbled = await http.post("/v2/models/add/infer", json=ADD, auth=("x", "SUgarbage"))
+            assert garbled.status_code == 401
+            assert "not a valid nkey seed" in garbled.json()["error"]
+
+
+@pytest.mark.usefixtures("roster_worker")
+async def test_the_dashboard_shows_each_caller_their_own_view(gateway: str) -> None:
+    async with httpx.AsyncClient(base_url=gateway, timeout=30) as http:
+        anonymous = await http.get("/")
+        assert anonymous.status_code == 401
+        assert anonymous.headers["WWW-Authenticate"].startswith("Basic")
+        assert (await http.get("/", auth=("alice", "nope"))).status_code == 401
+        page = await http.get("/", auth=("alice", "alice"))
+        assert page.status_code == 200
+        assert '"name":"add"' in page.text  # granted to alice
+        assert '"name":"echo"' not in page.text  # served, but not hers to see

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -26,10 +28,11 @@ from inferbus.dashboard.app import Dashboard
 from inferbus.dashboard.page import EVENTS_PATH
 from inferbus.errors import BadInput, ConnectionFailed, PayloadTooLarge, RequestError, Unavailable
 from inferbus.gateway.budget import BodyBudget, Holding
-from inferbus.gateway.framing import INFERENCE_HEADER, BusRequest, to_bus, to_http
-from inferbus.gateway.identities import Identities, Session, Unauthenticated
+from inferbus.gateway.dashboards import OwnDashboards
+from inferbus.gateway.framing import INFERENCE_HEADER, BusRequest, parse_count, to_bus, to_http
+from inferbus.gateway.identities import Identities, PerUser, Session, Unauthenticated
 from inferbus.gateway.replies import error_response
-from inferbus.pipeline.discovery import serves
+from inferbus.pipeline.discovery import ModelInfo, serves
 from inferbus.version import __version__
 
 #: a time budget in microseconds, for callers that cannot set ``parameters.timeout``
@@ -40,7 +43,10 @@ MAX_INFLIGHT_BYTES: Final = 1024 * 1024 * 1024
 _INFER_PATH: Final = re.compile(
     r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer"
 )
+LOOKUP_TTL_S: Final = 1.0
+MAX_LOOKUPS: Final = 1024
 T = TypeVar("T")
+log = logging.getLogger("inferbus.gateway")
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +73,14 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 def _coded(handler: Handler) -> Handler:
-    """Every ``RequestError`` a handler raises becomes its V2 error reply."""
+    """Every ``RequestError`` a handler raises becomes its V2 error reply; anything else is
+    logged and answered 500, never a bare traceback page."""
 
     async def handle(request: Request) -> Response:
         try:
             return await handler(request)
+        except ClientDisconnect:  # the caller left mid-body: nobody reads this reply
+            return Response(status_code=400)
         except RequestError as error:
             return error_response(error)
         except Unauthenticated as error:
@@ -79,6 +88,9 @@ def _coded(handler: Handler) -> Handler:
             return JSONResponse({"error": str(error)}, 401, headers=headers)
         except ConnectionFailed as error:
             return JSONResponse({"error": str(error)}, 503)
+        except Exception:
+            log.exception("unexpected error answering %s %s", request.method, request.url.path)
+            return JSONResponse({"error": "internal error (logged by the gateway)"}, 500)
 
     return handle
 
@@ -119,8 +131,12 @@ class Gateway:
             *(Route(f"{path}/ready", _coded(self.model_ready)) for path in (model, versioned)),
             *(Route(f"{path}/infer", _not_post) for path in (model, versioned)),  # POST: above
         ]
-        if self.dashboard is not None:  # an ASGI app: Starlette hands it the request as is
-            routes += [Route("/", self.dashboard), Route(EVENTS_PATH, self.dashboard)]
+        # the dashboard is an ASGI app: Starlette hands it the request as is
+        page: ASGIApp | None = self.dashboard
+        if isinstance(self.identities, PerUser):  # each caller's own view, never the gateway's
+            page = OwnDashboards(self.identities)
+        if page is not None:
+            routes += [Route("/", page), Route(EVENTS_PATH, page)]
         return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
     async def live(self, request: Request) -> Response:
@@ -138,10 +154,7 @@ class Gateway:
     async def metadata(self, request: Request) -> Response:
         name, version = _target(request)
         async with self._session(request) as session:
-            info = await session.directory.describe(name, version)
-            served = await session.directory.models(until=serves(name, None))
-        # the versions the first worker to answer serves (every worker, when they serve alike)
-        versions = sorted({m.version for m in served if m.name == name} | {info.version})
+            info, versions = await _look_up(session, name, version)
         return JSONResponse({
             "name": info.name,
             "versions": [str(v) for v in versions],
@@ -153,13 +166,17 @@ class Gateway:
     async def model_ready(self, request: Request) -> Response:
         name, version = _target(request)
         async with self._session(request) as session:
-            await session.directory.describe(name, version)
+            await _look_up(session, name, version)
         return PlainTextResponse("ready")
 
     async def infer(self, request: Request) -> Response:
         name, version = _target(request)
         header = request.headers.get(TIMEOUT_HEADER)
-        timeout_us = round(self.settings.timeout * 1e6) if header is None else _micros(header)
+        timeout_us = (
+            round(self.settings.timeout * 1e6)
+            if header is None
+            else parse_count(header, f"{TIMEOUT_HEADER} (microseconds)")
+        )
         length = request.headers.get(INFERENCE_HEADER)
         # who asks, before the body is read; then the body's share of the budget
         async with self._session(request) as session:
@@ -242,15 +259,35 @@ def _target(request: Request) -> tuple[str, int | None]:
     version = request.path_params.get("version")
     if version is None:
         return name, None
-    if not version.isascii() or not version.isdigit() or int(version) < 1:
+    number = parse_count(version, "the version in the path")
+    if number < 1:
         raise BadInput(f"version must be an integer >= 1, not {version!r}")
-    return name, int(version)
+    return name, number
 
 
-def _micros(text: str) -> int:
-    if not text.isascii() or not text.isdigit():
-        raise BadInput(f"{TIMEOUT_HEADER} must be a non-negative integer (microseconds)")
-    return int(text)
+async def _look_up(
+    session: Session, name: str, version: int | None
+) -> tuple[ModelInfo, tuple[int, ...]]:
+    """The model's metadata and the versions served (as the first worker to answer discovery
+    lists them), remembered for ``LOOKUP_TTL_S`` per identity, refusals too: otherwise every
+    metadata or ready call for an unknown name would make every worker answer."""
+    now = time.monotonic()
+    found = session.lookups.get((name, version))
+    if found is not None and now - found[0] < LOOKUP_TTL_S:
+        if isinstance(found[1], RequestError):
+            raise found[1].with_traceback(None)
+        return found[1], found[2]
+    if len(session.lookups) >= MAX_LOOKUPS:
+        session.lookups.clear()
+    try:
+        info = await session.directory.describe(name, version)
+        served = await session.directory.models(until=serves(name, None))
+    except RequestError as error:
+        session.lookups[(name, version)] = (now, error, ())
+        raise
+    versions = tuple(sorted({m.version for m in served if m.name == name} | {info.version}))
+    session.lookups[(name, version)] = (now, info, versions)
+    return info, versions
 
 
 async def _off_loop(size: int, work: Callable[[], T]) -> T:

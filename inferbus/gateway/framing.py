@@ -19,10 +19,22 @@ import orjson
 
 from inferbus.codecs import BYTES, DATATYPES, numpy_dtype, raw
 from inferbus.codecs.wire import decode_response
-from inferbus.errors import BadInput, EngineFailure
+from inferbus.errors import BadInput, EngineFailure, PayloadTooLarge
 
 INFERENCE_HEADER: Final = "Inference-Header-Content-Length"
+#: the largest JSON header: JSON ``data`` lists take ~10x their size in memory and CPU to read,
+#: all of it holding the GIL; tensors that large belong in binary data (413 beyond)
+MAX_JSON_BYTES: Final = 32 * 1024 * 1024
 _PREFIX: Final = struct.Struct("<I")
+_INT_DIGITS: Final = 18  # any count with more digits is past any limit (and int() stays cheap)
+
+
+def parse_count(text: str, what: str) -> int:
+    """A non-negative integer from a header or path; BadInput for anything else, including
+    numbers too long to be real (int() on thousands of digits is slow, then refused)."""
+    if not text.isascii() or not text.isdigit() or len(text) > _INT_DIGITS:
+        raise BadInput(f"{what} must be a non-negative integer below 10^{_INT_DIGITS}")
+    return int(text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +64,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvie
     """The JSON header and the tensor bytes after it (none without the binary extension)."""
     if header_length is None:
         return body, memoryview(b"")
-    if not header_length.isascii() or not header_length.isdigit():
-        raise BadInput(f"{INFERENCE_HEADER} must be a non-negative integer")
-    length = int(header_length)
+    length = parse_count(header_length, INFERENCE_HEADER)
     if length > len(body):
         raise BadInput(f"{INFERENCE_HEADER} {length} runs past the end of a {len(body)}-byte body")
     view = memoryview(body)
@@ -65,6 +75,11 @@ def to_bus(body: bytes, header_length: str | None, *, timeout_us: int) -> BusReq
     """The bus body for an HTTP request body; ``timeout_us`` applies unless the request's
     ``parameters.timeout`` says otherwise."""
     json_text, data = split_body(body, header_length)
+    if len(json_text) > MAX_JSON_BYTES:
+        raise PayloadTooLarge(
+            f"JSON header of {len(json_text)} bytes exceeds {MAX_JSON_BYTES}: send large "
+            f"tensors as binary data ({INFERENCE_HEADER})"
+        )
     header = _json_object(json_text)
     parameters = header.get("parameters") or {}
     if not isinstance(parameters, dict):
@@ -156,13 +171,31 @@ def _array_from_json(entry: dict[str, Any], index: int) -> np.ndarray:
         flat = np.asarray(entry["data"], dtype=object).reshape(-1)
         if flat.size != math.prod(shape):
             raise BadInput(f"{where}: {flat.size} values do not fill shape {shape}")
+        _check_json_types(flat, datatype, where)
         if datatype == BYTES:
             values = np.empty(flat.size, dtype=object)
-            values[:] = [v.encode() if isinstance(v, str) else bytes(v) for v in flat]
+            values[:] = [v.encode() for v in flat]
             return values.reshape(shape)
         return flat.astype(numpy_dtype(datatype)).reshape(shape)
     except (TypeError, ValueError, OverflowError) as exc:
         raise BadInput(f"{where}: data does not fit {datatype} {shape}: {exc}") from None
+
+
+def _check_json_types(flat: np.ndarray, datatype: str, where: str) -> None:
+    """JSON values as Triton takes them: strings for BYTES, booleans for BOOL, integers for
+    integer types, numbers for floats. Nothing is coerced ("false" is not a BOOL true, 1.9 not
+    an INT 1), and no value is taken as a size (bytes(10**9) would allocate a gigabyte)."""
+    if datatype == BYTES:
+        wanted: tuple[type, ...] = (str,)
+    elif datatype == "BOOL":
+        wanted = (bool,)
+    elif datatype.startswith(("INT", "UINT")):
+        wanted = (int,)
+    else:
+        wanted = (int, float)
+    if not all(type(value) in wanted for value in flat):
+        names = " or ".join(kind.__name__ for kind in wanted)
+        raise BadInput(f"{where}: {datatype} data must be JSON values of type {names}")
 
 
 def to_http(reply: bytes | bytearray, request: BusRequest) -> HttpReply:
@@ -171,7 +204,10 @@ def to_http(reply: bytes | bytearray, request: BusRequest) -> HttpReply:
     if len(reply) < 4:
         raise EngineFailure("malformed reply: shorter than its length prefix")
     length = _PREFIX.unpack_from(reply)[0]
-    header = _json_object(bytes(memoryview(reply)[4 : 4 + length]))
+    try:
+        header = _json_object(bytes(memoryview(reply)[4 : 4 + length]))
+    except BadInput as exc:  # the worker's fault, not the caller's
+        raise EngineFailure(f"malformed reply: {exc.message}") from None
     names = [e.get("name") for e in header.get("outputs") or [] if isinstance(e, dict)]
     coded = any("codec" in (e.get("parameters") or {}) for e in header.get("outputs") or [])
     if names and not coded and all(request.wants_binary(str(n)) for n in names):

@@ -10,18 +10,27 @@ import binascii
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from inferbus.errors import ConnectionFailed, InferbusError
+import nkeys  # type: ignore[import-untyped]
+
+from inferbus.errors import ConnectionFailed, IdentityRefused, InferbusError
 from inferbus.pipeline.connection import ConnectOptions
 from inferbus.pipeline.discovery import Directory
 from inferbus.pipeline.transport import Transport
 
+if TYPE_CHECKING:
+    from inferbus.dashboard.app import Dashboard
+
+log = logging.getLogger("inferbus.gateway")
+
 MAX_USERS: Final = 1024  # connections kept open at once in the per-user mode
+MAX_OPENING: Final = 64  # new identities' connects under way at once (refusals take a while)
 IDLE_CLOSE_S: Final = 300.0  # a user's connection with no request for this long is closed
 SWEEP_EVERY_S: Final = 30.0
 _NOT_IN_URLS: Final = frozenset("@/?#% \t\r\n")
@@ -40,6 +49,9 @@ class Session:
     directory: Directory
     busy: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    dashboard: Dashboard | None = None  # this identity's view of the cluster, once asked for
+    #: recent discovery answers (the gateway's metadata cache), this identity's own
+    lookups: dict[tuple[str, int | None], Any] = field(default_factory=dict)
 
     @contextlib.contextmanager
     def use(self) -> Iterator[Session]:
@@ -52,6 +64,11 @@ class Session:
 
     def idle_for(self, now: float) -> float:
         return 0.0 if self.busy else now - self.last_used
+
+    async def close(self) -> None:
+        if self.dashboard is not None:
+            await self.dashboard.close()
+        await self.transport.close()
 
 
 class Identities(Protocol):
@@ -93,7 +110,7 @@ class PerUser:
         self.options = options
         self.idle_close_s = idle_close_s
         self._sessions: dict[bytes, Session] = {}
-        self._lock = asyncio.Lock()
+        self._opening: dict[bytes, asyncio.Future[Session]] = {}
         self._swept = time.monotonic()
 
     @contextlib.asynccontextmanager
@@ -110,40 +127,68 @@ class PerUser:
         idle = [key for key, s in self._sessions.items() if s.idle_for(now) >= self.idle_close_s]
         closing = [self._sessions.pop(key) for key in idle]
         for session in closing:
-            await session.transport.close()
+            await session.close()
         return len(closing)
 
     async def session(self, authorization: str | None) -> Session:
-        user, password = basic_credentials(authorization)
-        key = hashlib.sha256(f"{user}\0{password}".encode()).digest()
+        """The caller's session: a known one at once; a new identity's connection opened once
+        (concurrent first requests wait for the same connect), without holding up others'."""
+        key, options, who = self._identity(authorization)
         found = self._sessions.get(key)
         if found is not None and not found.transport.nats.is_closed:
             return found
-        async with self._lock:  # one connect per new identity; known ones never wait here
-            found = self._sessions.get(key)
-            if found is None or found.transport.nats.is_closed:  # new, or cut off since
-                if found is not None:
-                    del self._sessions[key]
-                    await found.transport.close()
-                if len(self._sessions) >= MAX_USERS and not await self.close_idle():
-                    raise ConnectionFailed(f"the gateway holds {MAX_USERS} users' connections")
-                found = await self._open(user, password)
-                self._sessions[key] = found
-        return found
+        opening = self._opening.get(key)
+        if opening is None:
+            if found is not None:  # cut off since (the server reloaded, say)
+                del self._sessions[key]
+                await found.close()
+            if len(self._opening) >= MAX_OPENING:
+                raise ConnectionFailed(f"{MAX_OPENING} logins are in progress; try again")
+            if len(self._sessions) >= MAX_USERS and not await self.close_idle():
+                raise ConnectionFailed(f"the gateway holds {MAX_USERS} users' connections")
+            opening = asyncio.ensure_future(self._open(key, options, who))
+            self._opening[key] = opening
+        # shielded: one caller going away must not cancel the connect others wait for
+        return await asyncio.shield(opening)
 
-    async def _open(self, user: str, password: str) -> Session:
+    def _identity(self, authorization: str | None) -> tuple[bytes, ConnectOptions, str]:
+        """The session key, the options to connect with, and who it is (for logs). Only the
+        caller's credentials travel: the gateway's own URL credentials, credentials files
+        and TLS client certificate are dropped, or anyone could borrow them."""
+        user, password = basic_credentials(authorization)
+        base = dataclasses.replace(
+            self.options,
+            servers=[_with_user(url, None, None) for url in self.options.servers],
+            creds=None, nkey=None, nkey_seed=None, tls_cert=None, tls_key=None,
+        )  # fmt: skip
         if password.startswith("SU"):
-            options = dataclasses.replace(self.options, creds=None, nkey=None, nkey_seed=password)
-        else:
-            servers = [_with_user(url, user, password) for url in self.options.servers]
-            options = dataclasses.replace(
-                self.options, servers=servers, creds=None, nkey=None, nkey_seed=None
-            )
+            try:
+                public = nkeys.from_seed(password.encode()).public_key.decode()
+            except Exception:  # nkeys raises several kinds on a malformed seed
+                raise Unauthenticated("the password is not a valid nkey seed") from None
+            # keyed by the key alone: one seed under many user names is one connection
+            return f"nkey:{public}".encode(), dataclasses.replace(base, nkey_seed=password), public
+        digest = hashlib.sha256(f"{user}\0{password}".encode()).hexdigest()
+        servers = [_with_user(url, user, password) for url in base.servers]
+        return f"user:{digest}".encode(), dataclasses.replace(base, servers=servers), user
+
+    async def _open(self, key: bytes, options: ConnectOptions, who: str) -> Session:
         try:
             transport = await Transport.open(options)
-        except (ConnectionFailed, ValueError) as exc:
-            raise Unauthenticated(f"nats-server did not accept {user!r}: {exc}") from None
-        return Session(transport, Directory(transport.nats))
+        except IdentityRefused:
+            log.info("nats-server refused the credentials of %r", who)
+            raise Unauthenticated("nats-server did not accept these credentials") from None
+        except ConnectionFailed as exc:
+            log.warning("cannot reach NATS for %r: %s", who, exc)
+            raise ConnectionFailed("the gateway cannot reach NATS") from None
+        except Exception as exc:  # nats-py's own errors for odd credentials
+            log.info("nats-server did not accept %r: %s", who, type(exc).__name__)
+            raise Unauthenticated("nats-server did not accept these credentials") from None
+        finally:
+            self._opening.pop(key, None)
+        session = Session(transport, Directory(transport.nats))
+        self._sessions[key] = session
+        return session
 
     def connected(self) -> bool:
         return True  # each user's connection is judged on their own requests
@@ -151,7 +196,7 @@ class PerUser:
     async def close(self) -> None:
         sessions, self._sessions = list(self._sessions.values()), {}
         for session in sessions:
-            await session.transport.close()
+            await session.close()
 
 
 def basic_credentials(authorization: str | None) -> tuple[str, str]:
@@ -170,8 +215,10 @@ def basic_credentials(authorization: str | None) -> tuple[str, str]:
     return user, password
 
 
-def _with_user(url: str, user: str, password: str) -> str:
+def _with_user(url: str, user: str | None, password: str | None) -> str:
+    """``url`` with ``user:password@`` (replacing any there), or with none when ``user`` is
+    None."""
     parts = urlsplit(url if "://" in url else f"nats://{url}")
     host = parts.netloc.rpartition("@")[2]
-    netloc = f"{user}:{password}@{host}"  # nats-py reads them from the URL undecoded
+    netloc = host if user is None else f"{user}:{password}@{host}"  # nats-py: undecoded
     return urlunsplit(parts._replace(netloc=netloc))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import ssl
@@ -15,7 +16,7 @@ from typing import Any, Final
 from nats import errors as nats_error_types
 from nats.aio.client import Client as NatsClient
 
-from inferbus.errors import ConfigError, ConnectionFailed
+from inferbus.errors import ConfigError, ConnectionFailed, IdentityRefused
 from inferbus.tenancy.connection_file import (
     ConnectionFile,
     check_seed_file,
@@ -179,13 +180,26 @@ async def _log_reconnect() -> None:
     log.info("NATS: reconnected")
 
 
-def _explanation(errors: list[Exception]) -> str:
+def _failure(servers: list[str], errors: list[Exception]) -> ConnectionFailed:
     """Why connecting failed: a refused identity, if a server said so (the connection reset
-    that follows would hide it), else the last error."""
+    that follows would hide it), else the last error. URLs are shown without their
+    credentials: the message may reach logs, or a caller who is not the owner."""
+    where = ", ".join(redacted(url) for url in servers)
     refusals = [e for e in errors if "authorization violation" in str(e).lower()]
     if refusals:
-        return f"{refusals[-1]} (the server does not accept this identity)"
-    return str(errors[-1]) if errors else "no answer in time"
+        return IdentityRefused(
+            f"cannot reach NATS at {where}: {refusals[-1]} (the server does not accept this "
+            "identity)"
+        )
+    cause = str(errors[-1]) if errors else "no answer in time"
+    return ConnectionFailed(f"cannot reach NATS at {where}: {cause}")
+
+
+def redacted(url: str) -> str:
+    """``url`` with any ``user:password@`` or token replaced by ``***@``."""
+    scheme, sep, rest = url.rpartition("://")
+    _, at, host = rest.rpartition("@")
+    return f"{scheme}{sep}***@{host}" if at else url
 
 
 async def connect_nats(
@@ -232,10 +246,11 @@ async def connect_nats(
     if not connecting.done() or connecting.exception() is not None:
         connecting.cancel()
         await asyncio.gather(connecting, return_exceptions=True)
-        await client.close()
-        cause = _explanation(errors)
-        servers = ", ".join(options.servers)
-        raise ConnectionFailed(f"cannot reach NATS at {servers}: {cause}")
+        # nats-py's close can itself fail after some refused connects (a malformed seed): the
+        # connect's failure is the one to report.
+        with contextlib.suppress(Exception):
+            await client.close()
+        raise _failure(options.servers, errors)
     # nats-py reads this option on every reconnect: a live process never gives up on its cluster.
     client.options["max_reconnect_attempts"] = -1
     return client
