@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 from tritonclient.utils import InferenceServerException
 
 import inferbus
+from inferbus.gateway.framing import MAX_JSON_BYTES
 from inferbus.natsserver import free_port
 from tests.conftest import ROOT
 
@@ -305,7 +306,7 @@ def test_huge_numbers_are_400_not_500(gateway: str, path: str, headers: dict[str
 
 def test_large_json_headers_are_refused(gateway: str) -> None:
     """Tensors that large belong in binary data: 413 before the JSON is parsed."""
-    body = b'{"inputs": []}' + b" " * (32 * 1024 * 1024)
+    body = b'{"inputs": []}' + b" " * MAX_JSON_BYTES
     reply = httpx.post(f"http://{gateway}/v2/models/add/infer", content=body, timeout=60)
     assert reply.status_code == 413
     assert "binary data" in reply.json()["error"]

@@ -90,3 +90,24 @@ async def test_refused_requests_give_their_share_back(
 def test_the_budget_must_hold_one_largest_body() -> None:
     with pytest.raises(inferbus.BadInput, match="in-flight budget"):
         GatewaySettings(max_body_bytes=2 * MIB, max_inflight_bytes=MIB)
+
+
+async def test_a_body_that_trickles_past_its_budget_is_408(
+    budgeted: tuple[Gateway, httpx.AsyncClient],
+) -> None:
+    """A caller that sends part of a body and stalls holds its share only for the request's
+    time budget (here the least the gateway allows, a second), then gets 408."""
+    gateway, http = budgeted
+    body = padded(SLOW, 700 * 1024)
+    never = asyncio.Event()
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield body[: 300 * 1024]
+        await never.wait()
+        yield body[300 * 1024 :]
+
+    reply = await http.post("/v2/models/slow/infer", content=stalled(),
+                            headers={"Inferbus-Timeout-Us": "0"})  # fmt: skip
+    assert reply.status_code == 408
+    assert "307200 bytes came" in reply.json()["error"]
+    assert gateway.budget.held == 0

@@ -26,7 +26,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from inferbus.contract import check_model_name, infer_subject
 from inferbus.dashboard.app import Dashboard
 from inferbus.dashboard.page import EVENTS_PATH
-from inferbus.errors import BadInput, ConnectionFailed, PayloadTooLarge, RequestError, Unavailable
+from inferbus.errors import (
+    BadInput,
+    ConnectionFailed,
+    InferbusError,
+    PayloadTooLarge,
+    RequestError,
+    Unavailable,
+)
 from inferbus.gateway.budget import BodyBudget, Holding
 from inferbus.gateway.dashboards import OwnDashboards
 from inferbus.gateway.framing import INFERENCE_HEADER, BusRequest, parse_count, to_bus, to_http
@@ -43,6 +50,7 @@ MAX_INFLIGHT_BYTES: Final = 1024 * 1024 * 1024
 _INFER_PATH: Final = re.compile(
     r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer"
 )
+MIN_BODY_WAIT_S: Final = 1.0  # even a zero budget gets this long for the body to arrive
 LOOKUP_TTL_S: Final = 1.0
 MAX_LOOKUPS: Final = 1024
 T = TypeVar("T")
@@ -72,6 +80,10 @@ class GatewaySettings:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+class SlowBody(InferbusError):
+    """The request body did not arrive in time: HTTP 408."""
+
+
 def _coded(handler: Handler) -> Handler:
     """Every ``RequestError`` a handler raises becomes its V2 error reply; anything else is
     logged and answered 500, never a bare traceback page."""
@@ -88,6 +100,8 @@ def _coded(handler: Handler) -> Handler:
             return JSONResponse({"error": str(error)}, 401, headers=headers)
         except ConnectionFailed as error:
             return JSONResponse({"error": str(error)}, 503)
+        except SlowBody as error:
+            return JSONResponse({"error": str(error)}, 408, headers={"Connection": "close"})
         except Exception:
             log.exception("unexpected error answering %s %s", request.method, request.url.path)
             return JSONResponse({"error": "internal error (logged by the gateway)"}, 500)
@@ -198,29 +212,33 @@ class Gateway:
     ) -> BusRequest:
         """The body read and framed for the bus (a copy: the HTTP body is dropped on return,
         not kept while the reply is awaited)."""
-        body = await self._body(request, held)
+        body = await self._body(request, held, timeout_us)
         return await _off_loop(len(body), lambda: to_bus(body, length, timeout_us=timeout_us))
 
-    async def _body(self, request: Request, held: Holding) -> bytes:
-        """The body, counted against the in-flight budget as it arrives (all of its declared
-        length up front) and refused past ``max_body_bytes`` before it is read further."""
+    async def _body(self, request: Request, held: Holding, timeout_us: int) -> bytes:
+        """The body, refused past ``max_body_bytes`` (at once when its declared length says
+        so) and counted against the in-flight budget as it arrives: a caller holds only what
+        it has sent. It must arrive within the request's time budget, so a caller that
+        trickles cannot hold its share for long (408)."""
         limit = self.settings.max_body_bytes
         header = request.headers.get("content-length")
         declared = (
-            int(header) if header is not None and header.isascii() and header.isdigit() else None
+            int(header) if header is not None and header.isascii() and header.isdigit() else 0
         )
-        if declared is not None:
-            if declared > limit:
-                raise PayloadTooLarge(f"request body of {declared} bytes exceeds {limit}")
-            held.take(declared)
+        if declared > limit:
+            raise PayloadTooLarge(f"request body of {declared} bytes exceeds {limit}")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"request body exceeds {limit} bytes")
-            if declared is None:
-                held.take(len(chunk))
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(max(timeout_us / 1e6, MIN_BODY_WAIT_S)):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+                    held.take(len(chunk))
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise SlowBody(f"the body did not arrive within the request's time budget ({size} "
+                           f"bytes came)") from None  # fmt: skip
         return b"".join(chunks)
 
 

@@ -24,7 +24,7 @@ from inferbus.errors import BadInput, EngineFailure, PayloadTooLarge
 INFERENCE_HEADER: Final = "Inference-Header-Content-Length"
 #: the largest JSON header: JSON ``data`` lists take ~10x their size in memory and CPU to read,
 #: all of it holding the GIL; tensors that large belong in binary data (413 beyond)
-MAX_JSON_BYTES: Final = 32 * 1024 * 1024
+MAX_JSON_BYTES: Final = 8 * 1024 * 1024
 _PREFIX: Final = struct.Struct("<I")
 _INT_DIGITS: Final = 18  # any count with more digits is past any limit (and int() stays cheap)
 
