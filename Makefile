@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: demo test check format models bench clean
+.PHONY: demo test check format models bench ocr embeddings clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,16 @@ $(STAMP): pyproject.toml
 ## demo: embedded nats-server + a worker for examples/models + the digits app, then stop
 demo: $(STAMP)
 	$(BIN)/inferbus demo
+
+## ocr: render a page with known words, then read it back (fetches PP-OCR from the registry once)
+ocr: $(STAMP)
+	mkdir -p examples/ocr/fetched
+	$(BIN)/python examples/ocr/render.py examples/ocr/fetched/page.png
+	$(BIN)/python examples/ocr/app.py examples/ocr/fetched/page.png
+
+## embeddings: semantic search over the shipped corpus (fetches all-MiniLM-L6-v2 once)
+embeddings: $(STAMP)
+	$(BIN)/python examples/embeddings/app.py "how do plants make their food"
 
 ## check: formatting, lint and strict typing
 check: $(STAMP)

@@ -6,7 +6,8 @@ looks: ``rates`` compares a snapshot with the previous one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -56,11 +57,46 @@ class ClusterStatus:
         return asdict(self)
 
 
-def _uptime(started: str | None, now: datetime) -> float:
-    if not started:
+# Reading what workers report: their JSON is read, never trusted. A field of the wrong type
+# counts as absent, so one odd worker (or a hostile one on a shared bus) cannot stop a view.
+
+
+def as_number(value: object) -> float:
+    """A reported figure: a finite JSON number, else 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return 0.0
-    when = datetime.strptime(started.rstrip("Z")[:26], "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=UTC)
-    return max((now - when).total_seconds(), 0.0)
+    try:
+        number = float(value)
+    except OverflowError:
+        return 0.0
+    return number if math.isfinite(number) else 0.0
+
+
+def as_text(value: object) -> str:
+    """A reported name: a string as it is, a number written out, anything else ``?``."""
+    if isinstance(value, str):
+        return value
+    return "?" if isinstance(value, bool) or not isinstance(value, int | float) else str(value)
+
+
+def as_object(value: object) -> dict[str, Any]:
+    """A reported JSON object, or an empty one in its place."""
+    return value if isinstance(value, dict) else {}
+
+
+def as_objects(value: object) -> list[dict[str, Any]]:
+    """The objects in a reported JSON list (a worker's endpoints); none when it is no list."""
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _uptime(started: object, now: datetime) -> float:
+    if not isinstance(started, str) or not started:
+        return 0.0
+    try:
+        when = datetime.strptime(started.rstrip("Z")[:26], "%Y-%m-%dT%H:%M:%S.%f")
+    except ValueError:
+        return 0.0
+    return max((now - when.replace(tzinfo=UTC)).total_seconds(), 0.0)
 
 
 async def snapshot(client: Client, timeout: float = 0.5) -> ClusterStatus:
@@ -70,49 +106,68 @@ async def snapshot(client: Client, timeout: float = 0.5) -> ClusterStatus:
 
 
 def cluster_status(infos: list[dict[str, Any]], stats: list[dict[str, Any]]) -> ClusterStatus:
-    """Workers and models from the workers' ``$SRV.INFO`` and ``$SRV.STATS`` replies."""
+    """Workers and models from the workers' ``$SRV.INFO`` and ``$SRV.STATS`` replies; a reply
+    without an id, or a field of the wrong type, is left out."""
     now = datetime.now(UTC)
-    status = ClusterStatus(taken=now.timestamp())
-    started = {s.get("id"): s.get("started") for s in stats}
-    for info in sorted(infos, key=lambda i: (i.get("metadata", {}).get("host", ""), i["id"])):
-        metas = [e.get("metadata") or {} for e in info.get("endpoints") or []]
-        versioned = [m for m in metas if m.get("model")]
-        status.workers.append(WorkerRow(
-            id=info["id"],
-            host=info.get("metadata", {}).get("host", "?"),
-            pid=info.get("metadata", {}).get("pid", "?"),
-            uptime_s=_uptime(started.get(info["id"]), now),
-            models=sorted({f"{m['model']} v{m['version']}" for m in versioned}),
-            engines=sorted({m.get("engine", "?") for m in versioned}),
-            devices=sorted({m.get("device", "?") for m in versioned}),
-        ))  # fmt: skip
-    status.models = model_rows(stats)
-    return status
+    started = {s["id"]: s.get("started") for s in as_objects(stats) if isinstance(s.get("id"), str)}
+    rows = [_worker_row(info, started, now) for info in as_objects(infos)]
+    workers = sorted((row for row in rows if row is not None), key=lambda w: (w.host, w.id))
+    return ClusterStatus(taken=now.timestamp(), workers=workers, models=model_rows(stats))
+
+
+def _worker_row(
+    info: dict[str, Any], started: Mapping[str, object], now: datetime
+) -> WorkerRow | None:
+    """One worker from its ``$SRV.INFO`` reply; None when the reply names no worker."""
+    worker = info.get("id")
+    if not isinstance(worker, str):
+        return None
+    metadata = as_object(info.get("metadata"))
+    endpoints = [as_object(e.get("metadata")) for e in as_objects(info.get("endpoints"))]
+    versioned = [m for m in endpoints if isinstance(m.get("model"), str) and m["model"]]
+    return WorkerRow(
+        id=worker,
+        host=as_text(metadata.get("host")),
+        pid=as_text(metadata.get("pid")),
+        uptime_s=_uptime(started.get(worker), now),
+        models=sorted({f"{m['model']} v{as_text(m.get('version'))}" for m in versioned}),
+        engines=sorted({as_text(m.get("engine")) for m in versioned}),
+        devices=sorted({as_text(m.get("device")) for m in versioned}),
+    )
 
 
 def model_rows(stats: list[dict[str, Any]]) -> list[ModelRow]:
     """One row per model version, summed over workers; each version's data is read from its
     versioned endpoint only (the unversioned one shares the same counters)."""
     totals: dict[tuple[str, str], dict[str, Any]] = {}
-    for reply in stats:
-        for endpoint in reply.get("endpoints") or []:
-            # inferbus.infer.<model>.<version>: the versioned endpoint (names can mislead)
-            tokens = str(endpoint.get("subject", "")).split(".")
-            data = endpoint.get("data")
-            if len(tokens) != 4 or not tokens[3].isdigit() or not isinstance(data, dict):
-                continue
-            name, version = tokens[2], tokens[3]
+    for reply in as_objects(stats):
+        for name, version, data in _versioned_data(reply):
             row = totals.setdefault((name, version), {"workers": 0, "codes": {}, "unfit": [],
                                     **dict.fromkeys((*_COUNTERS, "pending"), 0)})  # fmt: skip
-            health = str(data.get("health", "ready"))
-            if health != "ready":
-                row["unfit"].append(f"{reply.get('id', '?')}: {health}")
-            row["workers"] += 1
-            for key in (*_COUNTERS, "pending"):
-                row[key] += int(data.get(key, 0))
-            for code, count in (data.get("errors_by_code") or {}).items():
-                row["codes"][code] = row["codes"].get(code, 0) + int(count)
+            _add_worker(row, as_text(reply.get("id")), data)
     return [_row(name, version, row) for (name, version), row in sorted(totals.items())]
+
+
+def _versioned_data(reply: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """(model, version, data) per versioned endpoint: the subject decides, being
+    ``inferbus.infer.<model>.<version>`` (an endpoint's name can mislead)."""
+    for endpoint in as_objects(reply.get("endpoints")):
+        tokens = as_text(endpoint.get("subject")).split(".")
+        data = endpoint.get("data")
+        if len(tokens) == 4 and tokens[3].isdigit() and isinstance(data, dict):
+            yield tokens[2], tokens[3], data
+
+
+def _add_worker(row: dict[str, Any], worker: str, data: dict[str, Any]) -> None:
+    """One worker's figures for a model version added to its row."""
+    health = as_text(data.get("health", "ready"))
+    if health != "ready":
+        row["unfit"].append(f"{worker}: {health}")
+    row["workers"] += 1
+    for key in (*_COUNTERS, "pending"):
+        row[key] += int(as_number(data.get(key)))
+    for code, count in as_object(data.get("errors_by_code")).items():
+        row["codes"][code] = row["codes"].get(code, 0) + int(as_number(count))
 
 
 def _ratio(numerator: float, denominator: float, scale: float = 1.0) -> float:

@@ -20,6 +20,7 @@ def test_exported_members() -> None:
         "dashboard",
         "engines",
         "errors",
+        "example",
         "gateway",
         "natsserver",
         "pipeline",
@@ -27,6 +28,7 @@ def test_exported_members() -> None:
         "roster",
         "status",
         "store",
+        "sync",
         "tenancy",
         "version",
     }

@@ -3,12 +3,15 @@
 It opens ``EVENTS_PATH`` as an ``EventSource`` and redraws three tables from each frame
 (feed.py): workers (host, models, devices, uptime), models (versions, workers, req/s with a
 one-minute chart, batch size, queue and compute time, p50/p99, errors by code, health) and,
-on a shared bus, usage per user. Values are set as text, never as HTML.
+on a shared bus, usage per user. Values are set as text (``textContent``), never as HTML:
+worker, model and user names come from the workers, and are not trusted.
 """
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
+
+import orjson
 
 EVENTS_PATH: Final = "/dashboard/events"
 
@@ -46,6 +49,11 @@ PAGE: Final = """<!doctype html>
 "use strict";
 const history = new Map();  // "model vN" -> recent req/s, one point a frame
 const POINTS = 60;
+
+// a figure with `digits` decimals; anything that is not a number (null from NaN) shows "?"
+function fixed(value, digits) {
+  return typeof value === "number" ? value.toFixed(digits) : "?";
+}
 
 function cell(row, text, numeric) {
   const td = row.insertCell();
@@ -88,11 +96,11 @@ function draw(frame) {
     points.push(m.requests_per_s); if (points.length > POINTS) points.shift();
     history.set(key, points);
     cell(row, key); cell(row, m.workers, true);
-    cell(row, m.requests_per_s.toFixed(1), true).dataset.rate = m.requests_per_s;
+    cell(row, fixed(m.requests_per_s, 1), true).dataset.rate = m.requests_per_s;
     row.insertCell().appendChild(spark(points));
-    cell(row, m.mean_batch_size.toFixed(1), true); cell(row, m.queue_ms.toFixed(2), true);
-    cell(row, m.compute_ms.toFixed(2), true);
-    const p50 = (m.compute_p50_ms || 0).toFixed(2), p99 = (m.compute_p99_ms || 0).toFixed(2);
+    cell(row, fixed(m.mean_batch_size, 1), true); cell(row, fixed(m.queue_ms, 2), true);
+    cell(row, fixed(m.compute_ms, 2), true);
+    const p50 = fixed(m.compute_p50_ms || 0, 2), p99 = fixed(m.compute_p99_ms || 0, 2);
     cell(row, p50 + " / " + p99, true);
     cell(row, m.pending, true);
     const codes = Object.entries(m.errors_by_code).map(([c, n]) => c + ": " + n).join(", ");
@@ -105,7 +113,7 @@ function draw(frame) {
     for (const u of rows) usage.push([model, u]);
   fill("users", usage, (row, [model, u]) => {
     cell(row, model); cell(row, u.user); cell(row, u.requests, true); cell(row, u.rows, true);
-    cell(row, u.compute_s.toFixed(3), true); cell(row, u.refused, true);
+    cell(row, fixed(u.compute_s, 3), true); cell(row, u.refused, true);
   });
 }
 
@@ -120,3 +128,21 @@ events.onerror = () => {
 </body>
 </html>
 """.replace("EVENTS_PATH", EVENTS_PATH)
+
+_FIRST_SLOT: Final = "const FIRST = null;"
+
+
+def script_json(value: Any) -> str:
+    """``value`` as JSON that is safe inside a ``<script>`` element: ``<`` (which could end
+    the element or open a comment there, ``</script>``, ``<!--``) and the line separators
+    U+2028/U+2029 are escaped; each can only occur inside a JSON string, where the escape means
+    the same."""
+    text = orjson.dumps(value).decode()
+    return text.replace("<", "\\u003c").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def page(first: dict[str, Any] | None) -> bytes:
+    """The page, showing ``first`` (a frame) until its feed sends the next; none: empty."""
+    if first is None:
+        return PAGE.encode()
+    return PAGE.replace(_FIRST_SLOT, f"const FIRST = {script_json(first)};").encode()

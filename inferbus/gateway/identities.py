@@ -80,6 +80,10 @@ class Identities(Protocol):
 
     def connected(self) -> bool: ...
 
+    def end_streams(self) -> None:
+        """The server is stopping: end the dashboards' open event streams now."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -95,6 +99,9 @@ class OneIdentity:
 
     def connected(self) -> bool:
         return bool(self._session.transport.nats.is_connected)
+
+    def end_streams(self) -> None:
+        return None  # its one dashboard belongs to the server, which ends it
 
     async def close(self) -> None:
         await self._session.transport.close()
@@ -192,6 +199,11 @@ class PerUser:
 
     def connected(self) -> bool:
         return True  # each user's connection is judged on their own requests
+
+    def end_streams(self) -> None:
+        for session in self._sessions.values():
+            if session.dashboard is not None:
+                session.dashboard.end_streams()
 
     async def close(self) -> None:
         sessions, self._sessions = list(self._sessions.values()), {}

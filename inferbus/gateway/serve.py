@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Final
 
 import uvicorn
 
@@ -16,12 +16,13 @@ from inferbus.gateway.app import Gateway, GatewaySettings
 from inferbus.gateway.identities import Identities, OneIdentity, PerUser
 
 __all__ = ["GatewayServer", "GatewaySettings", "listening_socket", "run_gateway"]
-from inferbus.errors import ConnectionFailed
 from inferbus.pipeline.connection import ConnectOptions
 from inferbus.pipeline.transport import Transport
 from inferbus.tenancy.live import signal_handlers
 
-log = logging.getLogger("inferbus.gateway")
+#: how long a stop waits for open responses (a per-user dashboard's event stream, a slow
+#: inference) before uvicorn cancels them: SIGTERM always ends the process
+GRACEFUL_SHUTDOWN_S: Final = 5
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -36,7 +37,12 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 class _Server(uvicorn.Server):
     """uvicorn, but a signal only stops it: uvicorn re-raises SIGTERM after its graceful
-    shutdown, which would end the process before the bus connection drains."""
+    shutdown, which would end the process before the bus connection drains. ``stopping`` runs
+    as shutdown begins, to end responses that would otherwise never finish (event streams)."""
+
+    def __init__(self, config: uvicorn.Config, *, stopping: Callable[[], None] | None) -> None:
+        super().__init__(config)
+        self.stopping = stopping
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -48,6 +54,12 @@ class _Server(uvicorn.Server):
 
     def stop(self) -> None:
         self.should_exit = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # however the stop was asked for: uvicorn then waits for open responses to finish
+        if self.stopping is not None:
+            self.stopping()
+        await super().shutdown(sockets)
 
 
 class GatewayServer:
@@ -69,36 +81,27 @@ class GatewayServer:
 
     async def serve(self) -> None:
         identities: Identities
-        watching: Transport | None = None  # the dashboard's own connection, per-user mode
-        if self.per_user:
+        dashboard: Dashboard | None = None  # per-user mode: each session has its own
+        if self.per_user:  # no identity of its own, so no connection of its own either
             identities = PerUser(self.options)
-            watching = await _watching(self.options)
-            nats = None if watching is None else watching.nats
         else:
             transport = await Transport.open(self.options)
-            identities, nats = OneIdentity(transport), transport.nats
-        dashboard = None if nats is None else Dashboard(nats)
+            identities, dashboard = OneIdentity(transport), Dashboard(transport.nats)
         try:
             app = Gateway(identities, self.settings, dashboard=dashboard).app()
-            config = uvicorn.Config(app, lifespan="off", log_level="warning")
-            await _Server(config).serve(sockets=[self.sock])
+            config = uvicorn.Config(app, lifespan="off", log_level="warning",
+                                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)  # fmt: skip
+
+            def stopping() -> None:  # open event streams end now, not when uvicorn gives up
+                if dashboard is not None:
+                    dashboard.end_streams()
+                identities.end_streams()
+
+            await _Server(config, stopping=stopping).serve(sockets=[self.sock])
         finally:
             if dashboard is not None:
                 await dashboard.close()
-            if watching is not None:
-                await watching.close()
             await identities.close()
-
-
-async def _watching(options: ConnectOptions) -> Transport | None:
-    """With --per-user, the dashboard watches the cluster as the gateway's own identity (the
-    connection flags; an admin shows every user's usage); without one that may connect, the
-    gateway serves no dashboard."""
-    try:
-        return await Transport.open(options)
-    except ConnectionFailed as exc:
-        log.warning("no dashboard: the gateway's own identity cannot connect (%s)", exc)
-        return None
 
 
 async def run_gateway(
