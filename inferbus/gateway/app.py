@@ -38,7 +38,7 @@ from inferbus.gateway.budget import BodyBudget, Holding
 from inferbus.gateway.dashboards import OwnDashboards
 from inferbus.gateway.framing import INFERENCE_HEADER, BusRequest, parse_count, to_bus, to_http
 from inferbus.gateway.identities import Identities, PerUser, Session, Unauthenticated
-from inferbus.gateway.replies import error_response
+from inferbus.gateway.replies import error_response, refusal_response
 from inferbus.pipeline.discovery import ModelInfo, serves
 from inferbus.version import __version__
 
@@ -95,11 +95,8 @@ def _coded(handler: Handler) -> Handler:
             return Response(status_code=400)
         except RequestError as error:
             return error_response(error)
-        except Unauthenticated as error:
-            headers = {"WWW-Authenticate": 'Basic realm="inferbus"'}
-            return JSONResponse({"error": str(error)}, 401, headers=headers)
-        except ConnectionFailed as error:
-            return JSONResponse({"error": str(error)}, 503)
+        except (Unauthenticated, ConnectionFailed) as error:
+            return refusal_response(error)
         except SlowBody as error:
             return JSONResponse({"error": str(error)}, 408, headers={"Connection": "close"})
         except Exception:

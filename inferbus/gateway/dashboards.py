@@ -5,12 +5,13 @@ itself. Never the gateway's view for anyone who asks."""
 
 from __future__ import annotations
 
-from starlette.responses import JSONResponse
+from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
 from inferbus.dashboard.app import Dashboard
 from inferbus.errors import ConnectionFailed
 from inferbus.gateway.identities import PerUser, Unauthenticated
+from inferbus.gateway.replies import refusal_response
 
 
 class OwnDashboards:
@@ -21,21 +22,11 @@ class OwnDashboards:
         self.identities = identities
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        authorization = _header(scope, b"authorization")
+        authorization = Headers(scope=scope).get("authorization")
         try:
             async with self.identities.using(authorization) as session:
                 if session.dashboard is None:
                     session.dashboard = Dashboard(session.transport.nats)
                 await session.dashboard(scope, receive, send)
-        except Unauthenticated as error:  # the browser asks for the user's credentials
-            headers = {"WWW-Authenticate": 'Basic realm="inferbus"'}
-            await JSONResponse({"error": str(error)}, 401, headers=headers)(scope, receive, send)
-        except ConnectionFailed as error:
-            await JSONResponse({"error": str(error)}, 503)(scope, receive, send)
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return bytes(value).decode("latin-1")
-    return None
+        except (Unauthenticated, ConnectionFailed) as error:  # 401: the browser asks who
+            await refusal_response(error)(scope, receive, send)

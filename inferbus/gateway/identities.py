@@ -92,10 +92,10 @@ class OneIdentity:
 
     def __init__(self, transport: Transport) -> None:
         self._session = Session(transport, Directory(transport.nats))
+        self._given = _Given(self._session)
 
-    @contextlib.asynccontextmanager
-    async def using(self, authorization: str | None) -> AsyncIterator[Session]:
-        yield self._session
+    def using(self, authorization: str | None) -> contextlib.AbstractAsyncContextManager[Session]:
+        return self._given  # one object for every request: nothing made on the hot path
 
     def connected(self) -> bool:
         return bool(self._session.transport.nats.is_connected)
@@ -105,6 +105,19 @@ class OneIdentity:
 
     async def close(self) -> None:
         await self._session.transport.close()
+
+
+class _Given(contextlib.AbstractAsyncContextManager[Session]):
+    """A session that is simply there: entering it gives it, leaving it does nothing."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    async def __aenter__(self) -> Session:
+        return self.session
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
 
 
 class PerUser:

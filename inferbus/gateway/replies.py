@@ -7,7 +7,8 @@ import math
 from starlette.responses import JSONResponse
 
 from inferbus.contract import MAX_ERROR_TEXT
-from inferbus.errors import RequestError
+from inferbus.errors import ConnectionFailed, RequestError
+from inferbus.gateway.identities import Unauthenticated
 
 #: the statuses a gateway answers with; any other code is a 500
 STATUSES = frozenset({400, 403, 404, 413, 429, 500, 503, 504})
@@ -20,3 +21,12 @@ def error_response(error: RequestError) -> JSONResponse:
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(max(0, math.ceil(error.retry_after_s)))
     return JSONResponse({"error": error.message[:MAX_ERROR_TEXT]}, status, headers=headers)
+
+
+def refusal_response(error: Unauthenticated | ConnectionFailed) -> JSONResponse:
+    """Who asked could not be connected: 401 asking for credentials when there were none or
+    nats-server refused them, 503 when NATS could not be reached."""
+    if isinstance(error, Unauthenticated):
+        headers = {"WWW-Authenticate": 'Basic realm="inferbus"'}
+        return JSONResponse({"error": str(error)}, 401, headers=headers)
+    return JSONResponse({"error": str(error)}, 503)
